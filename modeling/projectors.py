@@ -1,0 +1,140 @@
+"""Efficient projectors: `(views, g*g, Dv)` vision features to `(views, n*n, Dt)` tokens, `n = g / s`, row-major.
+
+Every projector's token `(i, j)` summarises the `s x s` patch window `[i*s:(i+1)*s, j*s:(j+1)*s]`: pooling,
+PixelShuffle and LDPv2 by construction, the Perceiver resampler by our convention (its learned queries are laid out
+row-major on the `n x n` grid and each is given the window of its grid cell).
+"""
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers.activations import ACT2FN
+
+from .configuration_vision_remember import VisionRememberConfig
+from .vision_remember import AttentionSettings, attend
+
+
+class ProjectorMLP(nn.Module):
+    def __init__(self, config: VisionRememberConfig, input_size: int):
+        super().__init__()
+        hidden_size = config.text_config.hidden_size
+        self.linear_1 = nn.Linear(input_size, hidden_size)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(features)))
+
+
+def to_grid(features: torch.Tensor) -> torch.Tensor:
+    """`(views, g*g, C)` to `(views, C, g, g)`."""
+    side = int(features.shape[1] ** 0.5)
+    return features.transpose(1, 2).unflatten(2, (side, side))
+
+
+def from_grid(grid: torch.Tensor) -> torch.Tensor:
+    """`(views, C, n, n)` to `(views, n*n, C)`."""
+    return grid.flatten(2).transpose(1, 2)
+
+
+class AvgPoolProjector(nn.Module):
+    """Average-pool each `s x s` window, then an MLP."""
+
+    def __init__(self, config: VisionRememberConfig):
+        super().__init__()
+        self.stride = config.downsample_factor
+        self.mlp = ProjectorMLP(config, config.vision_config.hidden_size)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        pooled = F.avg_pool2d(to_grid(features), self.stride)
+        return self.mlp(from_grid(pooled))
+
+
+class PixelShuffleProjector(nn.Module):
+    """Stack each `s x s` window on the channels (space-to-depth), then LayerNorm and an MLP."""
+
+    def __init__(self, config: VisionRememberConfig):
+        super().__init__()
+        self.stride = config.downsample_factor
+        stacked_size = config.vision_config.hidden_size * self.stride**2
+        self.norm = nn.LayerNorm(stacked_size)
+        self.mlp = ProjectorMLP(config, stacked_size)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        stacked = F.pixel_unshuffle(to_grid(features), self.stride)
+        return self.mlp(self.norm(from_grid(stacked)))
+
+
+class LDPv2Projector(nn.Module):
+    """MobileVLM V2's LDPv2: MLP, `s x s` average pooling, then a depthwise-convolution positional encoding."""
+
+    def __init__(self, config: VisionRememberConfig):
+        super().__init__()
+        hidden_size = config.text_config.hidden_size
+        self.stride = config.downsample_factor
+        self.mlp = ProjectorMLP(config, config.vision_config.hidden_size)
+        self.peg = nn.Conv2d(hidden_size, hidden_size, kernel_size=3, padding=1, groups=hidden_size)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        pooled = F.avg_pool2d(to_grid(self.mlp(features)), self.stride)
+        return from_grid(pooled + self.peg(pooled))
+
+
+class PerceiverLayer(nn.Module):
+    def __init__(self, config: VisionRememberConfig):
+        super().__init__()
+        hidden_size = config.text_config.hidden_size
+        self.num_heads = config.self_attention_heads
+        self.head_dim = hidden_size // self.num_heads
+        self.query_norm = nn.LayerNorm(hidden_size)
+        self.feature_norm = nn.LayerNorm(hidden_size)
+        self.q_proj = nn.Linear(hidden_size, hidden_size)
+        self.k_proj = nn.Linear(hidden_size, hidden_size)
+        self.v_proj = nn.Linear(hidden_size, hidden_size)
+        self.o_proj = nn.Linear(hidden_size, hidden_size)
+        self.mlp_norm = nn.LayerNorm(hidden_size)
+        self.mlp = ProjectorMLP(config, hidden_size)
+        self.attention = AttentionSettings(config, self.head_dim)
+
+    def split_heads(self, states: torch.Tensor) -> torch.Tensor:
+        return states.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def forward(self, latents: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        queries_in = self.query_norm(latents)
+        keys_in = torch.cat([self.feature_norm(features), queries_in], dim=1)
+        queries = self.split_heads(self.q_proj(queries_in))
+        keys, values = self.split_heads(self.k_proj(keys_in)), self.split_heads(self.v_proj(keys_in))
+        output = attend(self.attention, queries, keys, values)
+        latents = latents + self.o_proj(output.flatten(2))
+        return latents + self.mlp(self.mlp_norm(latents))
+
+
+class PerceiverProjector(nn.Module):
+    """Perceiver resampler: `n*n` learned queries cross-attend to the features (and themselves)."""
+
+    def __init__(self, config: VisionRememberConfig):
+        super().__init__()
+        hidden_size = config.text_config.hidden_size
+        self.latents = nn.Parameter(torch.zeros(config.tokens_per_side**2, hidden_size))
+        self.input_proj = nn.Linear(config.vision_config.hidden_size, hidden_size)
+        self.layers = nn.ModuleList(PerceiverLayer(config) for _ in range(config.perceiver_num_layers))
+        self.norm = nn.LayerNorm(hidden_size)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        features = self.input_proj(features)
+        latents = self.latents[None].expand(features.shape[0], -1, -1).to(features.dtype)
+        for layer in self.layers:
+            latents = layer(latents, features)
+        return self.norm(latents)
+
+
+PROJECTORS = {
+    "avg_pool": AvgPoolProjector,
+    "pixel_shuffle": PixelShuffleProjector,
+    "perceiver": PerceiverProjector,
+    "ldpv2": LDPv2Projector,
+}
+
+
+def build_projector(config: VisionRememberConfig) -> nn.Module:
+    return PROJECTORS[config.projector_type](config)

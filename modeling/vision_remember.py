@@ -1,0 +1,256 @@
+"""Vision Remember: rewrite the vision tokens' hidden states from the uncompressed vision features.
+
+The blocks here know nothing about any particular VLM. A backbone adapter hands them, per forward pass:
+
+- `features`: multi-level vision features, `(num_feature_positions, L * Dv)`;
+- `token_batch`, `token_position`: where the vision tokens sit in the decoder's `(batch, sequence)`;
+- `window_index`: per vision token, the rows of `features` it was pooled from, `(num_tokens, window)`, -1 where none;
+- `guidance_mask`: the `(batch, sequence)` positions whose hidden states feed the text-guided token.
+
+`VisionRemember.prepare` turns these into a `RememberContext`, passed to the decoder as the keyword argument
+`vision_remember`; decoder layers forward it to their forward hooks, which run the block after each chosen layer.
+"""
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers.activations import ACT2FN
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from .configuration_vision_remember import VisionRememberConfig
+
+
+def attend(module: nn.Module, query, key, value, key_mask=None):
+    """Non-causal attention through Transformers' attention interface.
+
+    `query`, `key`, `value`: `(batch, heads, length, head_dim)`; `key_mask`: `(batch, key_length)`, True to attend.
+    Returns `(batch, query_length, heads, head_dim)`.
+    """
+    implementation = module.config._attn_implementation
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+    mask = key_mask
+    if key_mask is not None and "flash" not in implementation:
+        mask = torch.zeros(key_mask.shape, dtype=query.dtype, device=query.device)
+        mask = mask.masked_fill(~key_mask, torch.finfo(query.dtype).min)[:, None, None, :]
+    output, _ = attention(module, query, key, value, mask, scaling=module.scaling, dropout=0.0, is_causal=False)
+    return output
+
+
+class OutputProjection(nn.Linear):
+    """A residual sub-layer's output projection: zero at initialisation with `identity_init`, so the sub-layer starts
+    as the identity and a new model reproduces the model without it."""
+
+
+class SamplingOffsets(nn.Linear):
+    """Predicts the deformable sampling points, `(x, y)` in `[-1, 1]` of the window after a tanh."""
+
+    def __init__(self, in_features: int, num_points: int):
+        super().__init__(in_features, 2 * num_points)
+        self.num_points = num_points
+
+
+class AttentionSettings(nn.Module):
+    """Attributes the attention interface reads from its `module` argument."""
+
+    is_causal = False
+    num_key_value_groups = 1
+
+    def __init__(self, config: VisionRememberConfig, head_dim: int):
+        super().__init__()
+        self.config = config
+        self.scaling = head_dim**-0.5
+
+
+@dataclass
+class RememberContext:
+    """Everything the Vision Remember blocks need in one forward pass, computed once and shared by all blocks."""
+
+    vision_remember: "VisionRemember"
+    token_batch: torch.Tensor  # (N,)
+    token_position: torch.Tensor  # (N,)
+    windowed: torch.Tensor  # (N,) bool: tokens with at least one feature to attend to
+    window_features: torch.Tensor  # (N_windowed, W, L * Dv): normalised features of each token's window
+    window_mask: torch.Tensor | None  # (N_windowed, W), only where windows have holes
+    guidance_mask: torch.Tensor | None  # (B, S)
+    sample_rows: torch.Tensor  # (B',): batch rows that hold vision tokens
+    slot_row: torch.Tensor  # (N,): each token's row in the (B', T) self-attention layout
+    slot_column: torch.Tensor  # (N,): its column
+    slot_mask: torch.Tensor  # (B', T): occupied slots; column T-1 is the text-guided token when there is one
+
+    def remember(self, layer_index: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.vision_remember.layers[str(layer_index)](hidden_states, self)
+
+
+def remember_after_layer(layer_index: int, module, args, kwargs, output):
+    """Forward hook on a decoder layer: runs its Vision Remember block when the call carries a context."""
+    context = kwargs.get("vision_remember")
+    if context is None:
+        return None
+    return context.remember(layer_index, output)
+
+
+class TokenFeatureCrossAttention(nn.Module):
+    """Each vision token queries the uncompressed features it was pooled from (paper eq. 2).
+
+    The query is expanded by an MLP from the decoder width to the multi-level feature width `L * Dv`; keys and values
+    are the features themselves, without projections.
+    """
+
+    def __init__(self, config: VisionRememberConfig):
+        super().__init__()
+        text_size, feature_size = config.text_config.hidden_size, config.remember_feature_size
+        self.num_heads = config.cross_attention_heads
+        self.head_dim = feature_size // self.num_heads
+        self.interaction = config.interaction
+        self.norm = nn.RMSNorm(text_size, eps=config.text_config.rms_norm_eps)
+        self.query_up = nn.Linear(text_size, text_size)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.query_out = nn.Linear(text_size, feature_size)
+        self.out_proj = OutputProjection(feature_size, text_size)
+        if config.interaction == "deformable":
+            self.sampling_offsets = SamplingOffsets(text_size, config.deformable_points)
+        self.attention = AttentionSettings(config, self.head_dim)
+
+    def sample_points(self, queries_in: torch.Tensor, window_features: torch.Tensor) -> torch.Tensor:
+        """Bilinearly sample `num_points` features at learned offsets around the window's centre."""
+        num_tokens, window, channels = window_features.shape
+        side = int(window**0.5)
+        grid_features = window_features.transpose(1, 2).reshape(num_tokens, channels, side, side)
+        points = torch.tanh(self.sampling_offsets(queries_in)).view(num_tokens, 1, -1, 2)
+        sampled = F.grid_sample(grid_features, points.to(grid_features.dtype), align_corners=False)
+        return sampled.squeeze(2).transpose(1, 2)
+
+    def forward(self, hidden_states: torch.Tensor, context: RememberContext) -> torch.Tensor:
+        batch = context.token_batch[context.windowed]
+        position = context.token_position[context.windowed]
+        queries_in = self.norm(hidden_states[batch, position])
+        queries = self.query_out(self.act(self.query_up(queries_in)))
+        keys = context.window_features
+        if self.interaction == "deformable":
+            keys = self.sample_points(queries_in, keys)
+        num_tokens = queries.shape[0]
+        queries = queries.view(num_tokens, 1, self.num_heads, self.head_dim).transpose(1, 2)
+        keys = keys.view(num_tokens, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        output = attend(self.attention, queries, keys, keys, context.window_mask)
+        update = self.out_proj(output.reshape(num_tokens, -1))
+        return hidden_states.index_put((batch, position), update.to(hidden_states.dtype), accumulate=True)
+
+
+class TokenBidirectionalSelfAttention(nn.Module):
+    """Full self-attention over all vision tokens of a sample, plus the text-guided token."""
+
+    def __init__(self, config: VisionRememberConfig):
+        super().__init__()
+        hidden_size = config.text_config.hidden_size
+        self.num_heads = config.self_attention_heads
+        self.head_dim = hidden_size // self.num_heads
+        self.text_guidance = config.text_guidance
+        self.norm = nn.RMSNorm(hidden_size, eps=config.text_config.rms_norm_eps)
+        self.q_proj = nn.Linear(hidden_size, hidden_size)
+        self.k_proj = nn.Linear(hidden_size, hidden_size)
+        self.v_proj = nn.Linear(hidden_size, hidden_size)
+        self.out_proj = OutputProjection(hidden_size, hidden_size)
+        self.attention = AttentionSettings(config, self.head_dim)
+
+    def text_guided_token(self, hidden_states: torch.Tensor, context: RememberContext) -> torch.Tensor:
+        """Adaptive max-pool over the prompt text of each sample: `(B', D)`."""
+        states = hidden_states[context.sample_rows]
+        mask = context.guidance_mask[context.sample_rows, :, None]
+        pooled = states.masked_fill(~mask, torch.finfo(states.dtype).min).amax(dim=1)
+        return pooled.masked_fill(~mask.any(dim=1), 0.0)
+
+    def forward(self, hidden_states: torch.Tensor, context: RememberContext) -> torch.Tensor:
+        rows, length = context.slot_mask.shape
+        tokens = hidden_states[context.token_batch, context.token_position]
+        layout = hidden_states.new_zeros(rows, length, hidden_states.shape[-1])
+        layout = layout.index_put((context.slot_row, context.slot_column), tokens)
+        if self.text_guidance:
+            layout = torch.cat([layout[:, :-1], self.text_guided_token(hidden_states, context)[:, None]], dim=1)
+        layout = self.norm(layout)
+
+        shape = (rows, length, self.num_heads, self.head_dim)
+        queries = self.q_proj(layout).view(shape).transpose(1, 2)
+        keys = self.k_proj(layout).view(shape).transpose(1, 2)
+        values = self.v_proj(layout).view(shape).transpose(1, 2)
+        output = attend(self.attention, queries, keys, values, context.slot_mask)
+        update = self.out_proj(output.reshape(rows, length, -1))[context.slot_row, context.slot_column]
+        position = (context.token_batch, context.token_position)
+        return hidden_states.index_put(position, update.to(hidden_states.dtype), accumulate=True)
+
+
+class VisionRememberLayer(nn.Module):
+    """The two residual sub-layers that run after one decoder layer."""
+
+    def __init__(self, config: VisionRememberConfig):
+        super().__init__()
+        self.cross_attention = TokenFeatureCrossAttention(config)
+        self.self_attention = TokenBidirectionalSelfAttention(config) if config.bidirectional else None
+
+    def forward(self, hidden_states: torch.Tensor, context: RememberContext) -> torch.Tensor:
+        hidden_states = self.cross_attention(hidden_states, context)
+        if self.self_attention is not None:
+            hidden_states = self.self_attention(hidden_states, context)
+        return hidden_states
+
+
+class VisionRemember(nn.Module):
+    """All Vision Remember blocks of a model, keyed by the decoder layer they follow."""
+
+    def __init__(self, config: VisionRememberConfig):
+        super().__init__()
+        self.config = config
+        self.text_guidance = config.text_guidance and config.bidirectional
+        num_levels = len(config.remember_feature_layers)
+        self.feature_norms = nn.ModuleList(nn.LayerNorm(config.vision_config.hidden_size) for _ in range(num_levels))
+        self.layers = nn.ModuleDict({str(index): VisionRememberLayer(config) for index in config.remember_after_layers})
+
+    def attach(self, decoder_layers: nn.ModuleList):
+        """Register the forward hooks that run each block after its decoder layer."""
+        for index in self.config.remember_after_layers:
+            decoder_layers[index].register_forward_hook(partial(remember_after_layer, index), with_kwargs=True)
+
+    def normalize_features(self, features: torch.Tensor) -> torch.Tensor:
+        levels = features.chunk(len(self.feature_norms), dim=-1)
+        return torch.cat([norm(level) for norm, level in zip(self.feature_norms, levels)], dim=-1)
+
+    def prepare(
+        self,
+        features: torch.Tensor,
+        token_batch: torch.Tensor,
+        token_position: torch.Tensor,
+        window_index: torch.Tensor,
+        guidance_mask: torch.Tensor,
+    ) -> RememberContext:
+        """Build the per-forward context: windows gathered and normalised once, the self-attention layout laid out."""
+        windowed = window_index[:, 0] >= 0
+        window_index = window_index[windowed]
+        holes = window_index < 0
+        window_features = self.normalize_features(features)[window_index.clamp(min=0)]
+        window_mask = ~holes if bool(holes.any()) else None
+
+        sample_rows, slot_row, counts = torch.unique(token_batch, return_inverse=True, return_counts=True)
+        first_slot = torch.cumsum(counts, 0) - counts
+        slot_column = torch.arange(len(token_batch), device=token_batch.device) - first_slot[slot_row]
+        length = int(counts.max()) + int(self.text_guidance)
+        slot_mask = torch.arange(length, device=counts.device)[None, :] < counts[:, None]
+        guidance_mask = guidance_mask.bool() if self.text_guidance else None
+        if self.text_guidance:
+            slot_mask[:, -1] = guidance_mask[sample_rows].any(dim=1)
+
+        return RememberContext(
+            vision_remember=self,
+            token_batch=token_batch,
+            token_position=token_position,
+            windowed=windowed,
+            window_features=window_features,
+            window_mask=window_mask,
+            guidance_mask=guidance_mask,
+            sample_rows=sample_rows,
+            slot_row=slot_row,
+            slot_column=slot_column,
+            slot_mask=slot_mask,
+        )

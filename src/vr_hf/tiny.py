@@ -1,0 +1,60 @@
+"""Tiny, randomly initialised parts that need no download: for tests, examples and CPU benchmarks."""
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from .modeling.configuration_vision_remember import VisionRememberConfig
+
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (256 byte tokens, then the Qwen2-VL special tokens): real encoding, tiny vocabulary."""
+    byte_to_unicode = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {symbol: index for index, symbol in enumerate(sorted(byte_to_unicode))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left"
+    )
+
+
+def tiny_config(**overrides) -> VisionRememberConfig:
+    """A SigLIP + Qwen2 model small enough to train on a CPU in seconds: 12x12 patches, 4x4 tokens per view."""
+    tokenizer_vocab = 256 + len(SPECIAL_TOKENS)
+    settings = dict(
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=36,
+            patch_size=3,
+            vision_use_head=False,
+        ),
+        text_config=dict(
+            model_type="qwen2",
+            vocab_size=tokenizer_vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            pad_token_id=256,
+            eos_token_id=258,
+        ),
+        image_token_id=tokenizer_vocab - 1,
+        downsample_factor=3,
+        vision_feature_layers=[1, 2, 3],
+        cross_attention_heads=4,
+        image_grid_pinpoints=[[36, 72], [72, 36], [72, 72]],
+        pad_token_id=256,
+        eos_token_id=258,
+    )
+    settings.update(overrides)
+    return VisionRememberConfig(**settings)
