@@ -182,12 +182,12 @@ class VisionRememberConfig(PreTrainedConfig):
                     )
         if not self.vision_feature_layers:
             raise ValueError("vision_feature_layers is empty: give at least one vision hidden-state index.")
-        num_text_layers = self.text_config.num_hidden_layers
+        last = self.text_config.num_hidden_layers - 1
         for index in self.remember_after_layers:
-            if not 0 <= index < num_text_layers:
+            if not 0 <= index < last:
                 raise ValueError(
-                    f"remember_after_layers has index {index}, out of range for a decoder with {num_text_layers} "
-                    f"layers: use 0-based indices in [0, {num_text_layers - 1}]."
+                    f"remember_after_layers has index {index}, out of range for a decoder with {last + 1} layers: use "
+                    f"0-based indices in [0, {last - 1}] (after the last layer, the vision tokens reach no text token)."
                 )
         if len(set(self.remember_after_layers)) != len(self.remember_after_layers):
             raise ValueError(f"remember_after_layers={self.remember_after_layers} repeats a layer: list each once.")

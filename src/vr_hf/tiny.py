@@ -51,6 +51,7 @@ def tiny_config(**overrides) -> VisionRememberConfig:
         image_token_id=tokenizer_vocab - 1,
         downsample_factor=3,
         vision_feature_layers=[1, 2, 3],
+        remember_after_layers=[0, 2],
         cross_attention_heads=4,
         image_grid_pinpoints=[[36, 72], [72, 36], [72, 72]],
         pad_token_id=256,

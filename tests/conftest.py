@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vr_hf import VisionRememberForConditionalGeneration
+from vr_hf.processor import build_processor
+from vr_hf.tiny import byte_tokenizer, tiny_config
+
+
+def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def conversation(question: str, answer: str | None = None, image: bool = True) -> list[dict]:
+    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
+    messages = [{"role": "user", "content": content}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages
+
+
+def build_model(seed: int = 0, **config_overrides) -> VisionRememberForConditionalGeneration:
+    torch.manual_seed(seed)
+    return VisionRememberForConditionalGeneration(tiny_config(**config_overrides)).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def processor(tokenizer):
+    return build_processor(tiny_config(), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def images():
+    """A wide and a tall image: AnyRes tiles with unpadded columns and rows."""
+    return [random_image(40, 90, seed=1), random_image(80, 30, seed=2)]
+
+
+@pytest.fixture(scope="session")
+def prompt_batch(processor, images):
+    """Two prompts of different lengths, left-padded, each with one image."""
+    prompts = [
+        processor.apply_chat_template(conversation("What is in the picture?"), add_generation_prompt=True),
+        processor.apply_chat_template(conversation("Colour?"), add_generation_prompt=True),
+    ]
+    return processor(images=images, text=prompts, padding=True, return_tensors="pt")
