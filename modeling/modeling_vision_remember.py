@@ -304,11 +304,12 @@ class VisionRememberForConditionalGeneration(VisionRememberPreTrainedModel, Gene
             image_hidden_states=outputs.image_hidden_states,
         )
 
-    def generate(self, input_ids: torch.LongTensor | None = None, **kwargs):
+    def generate(self, inputs: torch.Tensor | None = None, **kwargs):
         """`GenerationMixin.generate`, with the prompt's length pinned so generated text never feeds Vision Remember."""
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         if input_ids is not None and kwargs.get("pixel_values") is not None:
             kwargs.setdefault("prompt_length", input_ids.shape[1])
-        return super().generate(input_ids, **kwargs)
+        return super().generate(inputs, **kwargs)
 
 
 __all__ = ["VisionRememberModel", "VisionRememberForConditionalGeneration", "VisionRememberPreTrainedModel"]

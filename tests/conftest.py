@@ -4,6 +4,7 @@ import torch
 from PIL import Image
 
 from vr_hf import VisionRememberForConditionalGeneration
+from vr_hf.modeling.vision_remember import OutputProjection
 from vr_hf.processor import build_processor
 from vr_hf.tiny import byte_tokenizer, tiny_config
 
@@ -24,6 +25,16 @@ def conversation(question: str, answer: str | None = None, image: bool = True) -
 def build_model(seed: int = 0, **config_overrides) -> VisionRememberForConditionalGeneration:
     torch.manual_seed(seed)
     return VisionRememberForConditionalGeneration(tiny_config(**config_overrides)).eval()
+
+
+def active_model(seed: int = 0, **config_overrides) -> VisionRememberForConditionalGeneration:
+    """A model whose Vision Remember blocks change the logits clearly, as a trained one's do."""
+    model = build_model(seed, identity_init=False, **config_overrides)
+    with torch.no_grad():
+        for module in model.model.vision_remember.modules():
+            if isinstance(module, OutputProjection):
+                module.weight.normal_(std=0.5)
+    return model
 
 
 @pytest.fixture(scope="session")

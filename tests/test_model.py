@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import build_model, conversation
+from conftest import active_model, build_model, conversation
 
 from vr_hf import VisionRememberForConditionalGeneration
 from vr_hf.tiny import tiny_config
@@ -52,7 +52,7 @@ def test_training_step_reaches_every_vision_remember_parameter(processor, images
 
 
 def test_answer_never_reaches_prompt_positions(processor, images):
-    model = build_model(identity_init=False)
+    model = active_model()
     first, labels_first, prompt_length = training_example(processor, images[0], "A red circle.")
     second, labels_second, _ = training_example(processor, images[0], "Two blue bars")
     assert first["input_ids"].shape == second["input_ids"].shape
@@ -72,7 +72,7 @@ def greedy(model, batch, **kwargs):
 
 
 def test_cached_generation_equals_uncached(prompt_batch):
-    model = build_model(identity_init=False)
+    model = active_model()
     cached, cached_logits = greedy(model, prompt_batch, use_cache=True)
     uncached, uncached_logits = greedy(model, prompt_batch, use_cache=False)
     assert torch.equal(cached, uncached)
@@ -80,7 +80,7 @@ def test_cached_generation_equals_uncached(prompt_batch):
 
 
 def test_left_padded_batch_equals_samples_one_by_one(processor, images):
-    model = build_model(identity_init=False)
+    model = active_model()
     prompts = [
         processor.apply_chat_template(conversation("What is in the picture?"), add_generation_prompt=True),
         processor.apply_chat_template(conversation("Colour?"), add_generation_prompt=True),
@@ -104,7 +104,7 @@ def test_eager_equals_sdpa(prompt_batch, monkeypatch):
     )
     logits = {}
     for implementation in ("eager", "sdpa"):
-        model = build_model(identity_init=False, interaction="global")
+        model = active_model(interaction="global")
         model.set_attn_implementation(implementation)
         sdpa_calls.clear()
         logits[implementation] = model(**prompt_batch).logits
@@ -121,7 +121,7 @@ def gradients(model, batch, labels) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_gradient_checkpointing_gives_the_same_gradients(processor, images, use_reentrant):
-    model = build_model(identity_init=False).train()
+    model = active_model().train()
     batch, labels, _ = training_example(processor, images[0], "A circle.")
     plain = gradients(model, batch, labels)
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
@@ -133,7 +133,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(processor, images, use_
 
 
 def test_text_only_samples(processor, images):
-    model = build_model(identity_init=False)
+    model = active_model()
     texts = [
         processor.apply_chat_template(conversation("Hello there", image=False), add_generation_prompt=True),
         processor.apply_chat_template(conversation("And this?"), add_generation_prompt=True),
@@ -149,7 +149,7 @@ def test_text_only_samples(processor, images):
 
 
 def test_torch_compile_matches_eager(prompt_batch):
-    model = build_model(identity_init=False)
+    model = active_model()
     expected = model(**prompt_batch).logits
     # aot_eager traces the same graphs as inductor without its minutes of C++ code generation on a CPU.
     compiled = torch.compile(model, backend="aot_eager")
@@ -157,7 +157,7 @@ def test_torch_compile_matches_eager(prompt_batch):
 
 
 def test_vision_remember_runs_only_in_prefill(prompt_batch, monkeypatch):
-    model = build_model(identity_init=False)
+    model = active_model()
     calls = []
     block = model.model.vision_remember.layers["0"]
     original = block.forward
