@@ -169,3 +169,22 @@ def test_vision_remember_runs_only_in_prefill(prompt_batch, monkeypatch):
 def test_baseline_has_no_vision_remember_parameters():
     model = VisionRememberForConditionalGeneration(tiny_config(use_vision_remember=False))
     assert not any("vision_remember" in name for name, _ in model.named_parameters())
+
+
+def test_other_vision_towers_and_decoders(prompt_batch):
+    """CLIP (with a CLS token to drop) and Llama work through the same code as SigLIP and Qwen2."""
+    tiny = tiny_config()
+    vision_config = dict(tiny.vision_config.to_dict(), model_type="clip_vision_model")
+    text_config = dict(tiny.text_config.to_dict(), model_type="llama")
+    overrides = dict(vision_config=vision_config, text_config=text_config, vision_feature_select_strategy="default")
+    with_remember = active_model(**overrides)
+    without_remember = build_model(use_vision_remember=False, **overrides)
+    assert type(with_remember.model.vision_tower).__name__ == "CLIPVisionModel"
+    assert type(with_remember.model.language_model).__name__ == "LlamaModel"
+    without_remember.load_state_dict(with_remember.state_dict(), strict=False)
+
+    logits = with_remember(**prompt_batch).logits
+    assert logits.isfinite().all()
+    assert not torch.allclose(logits, without_remember(**prompt_batch).logits)
+    sequences, _ = greedy(with_remember, prompt_batch)
+    assert sequences.shape[1] == prompt_batch["input_ids"].shape[1] + 6
