@@ -187,7 +187,7 @@ class VisionRememberConfig(PreTrainedConfig):
             if not 0 <= index < last:
                 raise ValueError(
                     f"remember_after_layers has index {index}, out of range for a decoder with {last + 1} layers: use "
-                    f"0-based indices in [0, {last - 1}] (after the last layer, the vision tokens reach no text token)."
+                    f"0-based indices in [0, {last - 1}] (after the last layer, vision tokens reach no text token)."
                 )
         if len(set(self.remember_after_layers)) != len(self.remember_after_layers):
             raise ValueError(f"remember_after_layers={self.remember_after_layers} repeats a layer: list each once.")

@@ -162,7 +162,8 @@ class VisionRememberModel(VisionRememberPreTrainedModel):
         hidden_states = self.vision_tower(views, output_hidden_states=True).hidden_states
         tokens = self.multi_modal_projector(self.select_features(hidden_states, [self.config.projector_feature_layer]))
         per_image = tokens.split([self.image_layout.num_views(size) for size in sizes])
-        tokens = torch.cat([self.image_layout.pack(image, size, self.image_newline) for image, size in zip(per_image, sizes)])
+        packed = [self.image_layout.pack(image, size, self.image_newline) for image, size in zip(per_image, sizes)]
+        tokens = torch.cat(packed)
         if self.vision_remember is None:
             return ImageFeatures(tokens, None, None)
 
@@ -171,6 +172,26 @@ class VisionRememberModel(VisionRememberPreTrainedModel):
         window_index = torch.cat([F.pad(window, (0, width - window.shape[1]), value=NO_WINDOW) for window in windows])
         features = self.select_features(hidden_states, self.config.remember_feature_layers).flatten(0, 1)
         return ImageFeatures(tokens, features, window_index)
+
+    def check_image_inputs(self, input_ids, pixel_values, image_sizes):
+        """Refuse inputs that cannot work before the vision tower runs."""
+        image_token_id = self.config.image_token_id
+        if pixel_values is None:
+            if input_ids is not None and bool((input_ids == image_token_id).any()):
+                count = int((input_ids == image_token_id).sum())
+                raise ValueError(
+                    f"input_ids hold {count} image tokens (id {image_token_id}) but no pixel_values were given: pass "
+                    "the images the processor returned with the text."
+                )
+            return
+        if input_ids is None:
+            raise ValueError("pixel_values need input_ids, whose image tokens mark where the vision tokens go.")
+        if self.config.image_grid_pinpoints is not None and image_sizes is None:
+            raise ValueError(
+                "This model uses AnyRes (image_grid_pinpoints is set): pass image_sizes with pixel_values."
+            )
+        sizes = image_size_list(pixel_values, image_sizes)
+        check_image_tokens(input_ids == image_token_id, [self.image_layout.num_tokens(size) for size in sizes])
 
     @can_return_tuple
     def forward(
@@ -197,37 +218,22 @@ class VisionRememberModel(VisionRememberPreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
-        is_image_token = input_ids == self.config.image_token_id if input_ids is not None else None
-        if pixel_values is None and is_image_token is not None and bool(is_image_token.any()):
-            raise ValueError(
-                f"input_ids hold {int(is_image_token.sum())} image tokens (id {self.config.image_token_id}) but no "
-                "pixel_values were given: pass the images the processor returned with the text."
-            )
+        has_images = pixel_values is not None and len(pixel_values) > 0
+        self.check_image_inputs(input_ids, pixel_values if has_images else None, image_sizes)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
-        context = None
         image_features = None
-        if pixel_values is not None:
-            if input_ids is None:
-                raise ValueError("pixel_values need input_ids, whose image tokens mark where the vision tokens go.")
-            if self.config.image_grid_pinpoints is not None and image_sizes is None:
-                raise ValueError("This model uses AnyRes (image_grid_pinpoints is set): pass image_sizes with pixel_values.")
-            sizes = image_size_list(pixel_values, image_sizes)
-            check_image_tokens(is_image_token, [self.image_layout.num_tokens(size) for size in sizes])
-
+        if has_images:
             image_features = self.get_image_features(pixel_values, image_sizes)
-            token_batch, token_position = is_image_token.nonzero(as_tuple=True)
-            inputs_embeds = inputs_embeds.index_put(
-                (token_batch, token_position), image_features.tokens.to(inputs_embeds.dtype)
-            )
+            token_batch, token_position = (input_ids == self.config.image_token_id).nonzero(as_tuple=True)
+            vision_tokens = image_features.tokens.to(inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds.index_put((token_batch, token_position), vision_tokens)
             if self.vision_remember is not None:
                 guidance = prompt_mask(input_ids, self.config.image_token_id, attention_mask, labels, prompt_length)
-                context = self.vision_remember.prepare(
+                kwargs["vision_remember"] = self.vision_remember.prepare(
                     image_features.features, token_batch, token_position, image_features.window_index, guidance
                 )
-        if context is not None:
-            kwargs["vision_remember"] = context
 
         outputs = self.language_model(
             attention_mask=attention_mask,
@@ -294,7 +300,9 @@ class VisionRememberForConditionalGeneration(VisionRememberPreTrainedModel, Gene
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
         return VisionRememberCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -305,7 +313,7 @@ class VisionRememberForConditionalGeneration(VisionRememberPreTrainedModel, Gene
         )
 
     def generate(self, inputs: torch.Tensor | None = None, **kwargs):
-        """`GenerationMixin.generate`, with the prompt's length pinned so generated text never feeds Vision Remember."""
+        """`GenerationMixin.generate`, with the prompt length pinned: generated text never feeds Vision Remember."""
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         if input_ids is not None and kwargs.get("pixel_values") is not None:
             kwargs.setdefault("prompt_length", input_ids.shape[1])

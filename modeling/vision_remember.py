@@ -206,7 +206,9 @@ class VisionRemember(nn.Module):
         self.text_guidance = config.text_guidance and config.bidirectional
         num_levels = len(config.remember_feature_layers)
         self.feature_norms = nn.ModuleList(nn.LayerNorm(config.vision_config.hidden_size) for _ in range(num_levels))
-        self.layers = nn.ModuleDict({str(index): VisionRememberLayer(config) for index in config.remember_after_layers})
+        self.layers = nn.ModuleDict(
+            {str(index): VisionRememberLayer(config) for index in config.remember_after_layers}
+        )
 
     def attach(self, decoder_layers: nn.ModuleList):
         """Register the forward hooks that run each block after its decoder layer."""

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from conftest import build_model, conversation
 from huggingface_hub.errors import StrictDataclassClassValidationError
 
 from vr_hf.tiny import tiny_config
+
+from conftest import build_model, conversation
 
 
 @pytest.fixture
@@ -48,7 +49,9 @@ def test_invalid_config_is_refused_at_save_too(tmp_path):
 
 
 def test_more_image_tokens_than_images(model, prompt_batch):
-    batch = dict(prompt_batch, pixel_values=prompt_batch["pixel_values"][:1], image_sizes=prompt_batch["image_sizes"][:1])
+    batch = dict(
+        prompt_batch, pixel_values=prompt_batch["pixel_values"][:1], image_sizes=prompt_batch["image_sizes"][:1]
+    )
     with pytest.raises(ValueError, match="image tokens but the 1 images need"):
         model(**batch)
 

@@ -49,7 +49,7 @@ PROMPT = "What is in the picture?"
 MAX_NEW_TOKENS = 4
 
 # Runs in a fresh interpreter: loads the folder through the Auto classes and a pipeline, with `vr_hf` blocked.
-REMOTE_SCRIPT = r'''
+REMOTE_SCRIPT = r"""
 import json
 import sys
 
@@ -98,7 +98,7 @@ report = {
 }
 with open(output + ".json", "w") as file:
     json.dump(report, file)
-'''
+"""
 
 
 def make_image() -> Image.Image:

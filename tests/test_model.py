@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from conftest import active_model, build_model, conversation
 
 from vr_hf import VisionRememberForConditionalGeneration
 from vr_hf.tiny import tiny_config
+
+from conftest import active_model, build_model, conversation
 
 
 def training_example(processor, image, answer: str):

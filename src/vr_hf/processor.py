@@ -7,7 +7,7 @@ from .modeling.processing_vision_remember import VisionRememberProcessor
 
 
 def build_image_processor(config: VisionRememberConfig, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)):
-    """SigLIP-style preprocessing (resize to the view size, no crop) with AnyRes tiles when the config has pinpoints."""
+    """SigLIP-style preprocessing (resize to the view, no crop), with AnyRes tiles when the config has pinpoints."""
     view = {"height": config.vision_config.image_size, "width": config.vision_config.image_size}
     common = dict(size=view, image_mean=list(image_mean), image_std=list(image_std))
     if config.image_grid_pinpoints is None:
