@@ -1,0 +1,298 @@
+"""Training: phase settings (what trains), the LLaVA-JSON converter, and one TRL SFTTrainer step on the tiny model."""
+
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from vr_hf.data import LoadReport, load_llava_json
+from vr_hf.processor import build_processor
+from vr_hf.tiny import byte_tokenizer, tiny_config
+from vr_hf.training import (
+    PARTS,
+    part_parameters,
+    pass_labels_to_base_model,
+    trainable_parameter_groups,
+    trainable_parts,
+)
+
+from conftest import build_model, conversation, random_image
+
+
+# ---------------------------------------------------------------------------------------------- phase settings
+
+
+def test_phase_1_step_changes_only_trainable_parts(processor, images):
+    model = build_model().train()
+    groups = trainable_parameter_groups(model, {"projector": 1e-2, "vision_remember": 1e-2})
+    assert [group["name"] for group in groups] == ["projector", "vision_remember"]
+    assert trainable_parts(model) == {
+        "vision_tower": False,
+        "projector": True,
+        "vision_remember": True,
+        "language_model": False,
+        "lm_head": False,
+    }
+    trainable = {id(p) for group in groups for p in group["params"]}
+    assert trainable == {id(p) for p in model.parameters() if p.requires_grad}
+
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(groups)
+    texts = [
+        processor.apply_chat_template(conversation("What is it?", "A red square."), tokenize=False),
+        processor.apply_chat_template(conversation("Colour?", "Blue."), tokenize=False),
+    ]
+    batch = processor(images=images, text=texts, padding=True, return_tensors="pt")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    loss = model(**batch, labels=labels).loss
+    loss.backward()
+    optimizer.step()
+
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])}
+    for name, p in model.named_parameters():
+        if id(p) not in trainable:
+            assert torch.equal(p.detach(), before[name]), f"frozen {name} changed"
+    prefixes = {
+        "projector": ("model.multi_modal_projector.", "model.image_newline"),
+        "vision_remember": ("model.vision_remember.",),
+    }
+    for part, starts in prefixes.items():
+        # Vision Remember's output projections start at zero, so in step 1 only they move: the part as a whole changes
+        assert any(name.startswith(starts) for name in changed), f"{part} did not change"
+
+
+def test_unknown_part_and_phases():
+    model = build_model()
+    with pytest.raises(ValueError, match="Unknown part.*'projecter'.*choose from"):
+        trainable_parameter_groups(model, {"projecter": 1e-3})
+    with pytest.raises(ValueError, match="Unknown phase"):
+        trainable_parameter_groups(model, 3)
+    with pytest.raises(ValueError, match="no 'vision_remember' part"):
+        part_parameters(build_model(use_vision_remember=False), "vision_remember")
+
+    groups = trainable_parameter_groups(model, 2)
+    assert [group["name"] for group in groups] == ["projector", "vision_remember", "language_model"]  # lm_head is tied
+    assert not any(p.requires_grad for p in model.model.vision_tower.parameters())
+    assert model.lm_head.weight.requires_grad
+    everything = trainable_parameter_groups(model, dict.fromkeys(PARTS, 1e-4))
+    ids = [id(p) for group in everything for p in group["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+
+
+# ---------------------------------------------------------------------------------------------- LLaVA JSON
+
+
+def write_llava(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    random_image(20, 30, seed=3).save(folder / "good.png")
+    random_image(30, 20, seed=4).save(folder / "good2.png")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    rows = [
+        {
+            "id": "ok",
+            "image": "good.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is this?"},
+                {"from": "gpt", "value": "Noise."},
+                {"from": "human", "value": "Sure?"},
+                {"from": "gpt", "value": "Yes."},
+            ],
+        },
+        {"id": "text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]},
+        {
+            "id": "missing",
+            "image": "nope.png",
+            "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}],
+        },
+        {
+            "id": "corrupt",
+            "image": "corrupt.png",
+            "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}],
+        },
+        {"id": "no-answer", "image": "good.png", "conversations": [{"from": "human", "value": "<image>\nQ"}]},
+        {
+            "id": "no-placeholder",
+            "image": "good2.png",
+            "conversations": [{"from": "human", "value": "Describe."}, {"from": "gpt", "value": "Noise."}],
+        },
+    ]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(rows))
+    return path, folder
+
+
+def test_llava_json_skip_reports_bad_rows(tmp_path):
+    path, folder = write_llava(tmp_path)
+    dataset, report = load_llava_json(path, folder)
+    assert isinstance(report, LoadReport)
+    assert (report.rows_read, report.rows_kept, report.text_only_rows, report.rows_skipped) == (6, 3, 1, 3)
+    assert report.counts == {"missing_image": 1, "unreadable_image": 1, "no_assistant_turn": 1}
+    assert report.skipped_ids("missing_image") == ["missing"]
+    assert report.skipped_ids("unreadable_image") == ["corrupt"]
+    assert report.skipped_ids("no_assistant_turn") == ["no-answer"]
+    assert "missing" in str(report) and "nope.png" in str(report)
+
+    assert dataset.column_names == ["id", "images", "messages"]
+    ok, text, no_placeholder = dataset
+    assert ok["id"] == "ok" and len(ok["images"]) == 1 and isinstance(ok["images"][0], Image.Image)
+    assert ok["images"][0].size == (30, 20)
+    assert [m["role"] for m in ok["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert [part["type"] for part in ok["messages"][0]["content"]] == ["image", "text"]
+    assert ok["messages"][0]["content"][1]["text"] == "What is this?"
+    assert ok["messages"][1]["content"] == [{"type": "text", "text": "Noise."}]
+    assert text["images"] == [] and [p["type"] for p in text["messages"][0]["content"]] == ["text"]
+    assert [part["type"] for part in no_placeholder["messages"][0]["content"]] == ["image", "text"]
+
+
+@pytest.mark.parametrize(
+    "bad_id, reason", [("missing", "does not exist"), ("corrupt", "cannot be read"), ("no-answer", "no assistant")]
+)
+def test_llava_json_raise_names_the_row(tmp_path, bad_id, reason):
+    path, folder = write_llava(tmp_path)
+    rows = [row for row in json.loads(path.read_text()) if row["id"] in ("ok", "text", bad_id)]
+    path.write_text(json.dumps(rows))
+    with pytest.raises(ValueError, match=f"Row '{bad_id}'.*{reason}"):
+        load_llava_json(path, folder, on_error="raise")
+    with pytest.raises(ValueError, match="on_error"):
+        load_llava_json(path, folder, on_error="ignore")
+
+
+# ---------------------------------------------------------------------------------------------- TRL SFTTrainer
+
+
+def run_sft_step(tmp_path_factory, label_hooks: bool):
+    """One SFTTrainer step (assistant-only loss) on the tiny model, recording what reaches `model.model`."""
+    datasets = pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+
+    torch.manual_seed(0)
+    config = tiny_config()
+    from vr_hf import VisionRememberForConditionalGeneration
+
+    model = VisionRememberForConditionalGeneration(config)
+    if label_hooks:
+        pass_labels_to_base_model(model)
+    processor = build_processor(config, byte_tokenizer())
+    rows = [
+        {"images": [random_image(40, 90, seed=1)], "messages": conversation("What is it?", "Noise, mostly.")},
+        {"images": [random_image(80, 30, seed=2)], "messages": conversation("Colour?", "Grey.")},
+    ]
+    dataset = datasets.Dataset.from_list(rows)
+
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path_factory.mktemp("sft")),
+        assistant_only_loss=True,
+        max_steps=1,
+        per_device_train_batch_size=2,
+        max_length=None,
+        learning_rate=1e-3,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor)
+
+    calls = []
+    base = trainer.model.model
+    original_forward = base.forward
+    original_prepare = base.vision_remember.prepare
+
+    def spy_forward(*args, **kwargs):
+        calls.append({"args": len(args), "kwargs": dict(kwargs), "guidance": []})
+        return original_forward(*args, **kwargs)
+
+    def spy_prepare(features, token_batch, token_position, window_index, guidance):
+        if calls:
+            calls[-1]["guidance"].append(guidance.clone())
+        return original_prepare(features, token_batch, token_position, window_index, guidance)
+
+    base.forward = spy_forward
+    base.vision_remember.prepare = spy_prepare
+    try:
+        result = trainer.train()
+    finally:
+        del base.forward
+        del base.vision_remember.prepare
+    batch = trainer.data_collator([dict(row) for row in dataset])
+    return {"trainer": trainer, "result": result, "calls": calls, "batch": batch, "config": config}
+
+
+@pytest.fixture(scope="module")
+def sft_step(tmp_path_factory):
+    """Plain TRL: what SFTTrainer does to a Vision Remember model out of the box."""
+    return run_sft_step(tmp_path_factory, label_hooks=False)
+
+
+@pytest.fixture(scope="module")
+def sft_step_with_labels(tmp_path_factory):
+    """With `pass_labels_to_base_model`: the labels TRL keeps for its fused head also reach `model.model`."""
+    return run_sft_step(tmp_path_factory, label_hooks=True)
+
+
+def test_sft_step_loss_is_finite(sft_step):
+    losses = [entry["loss"] for entry in sft_step["trainer"].state.log_history if "loss" in entry]
+    assert losses and all(math.isfinite(loss) for loss in losses)
+    assert math.isfinite(sft_step["result"].training_loss)
+    assert sft_step["trainer"].state.global_step == 1
+
+
+def test_sft_collator_puts_no_loss_on_images_or_prompt(sft_step):
+    batch, config = sft_step["batch"], sft_step["config"]
+    labels, input_ids = batch["labels"], batch["input_ids"]
+    is_image = input_ids == config.image_token_id
+    assert is_image.any()
+    assert (labels[is_image] == -100).all()
+    assert (labels[batch["attention_mask"] == 0] == -100).all()
+    tokenizer = sft_step["trainer"].processing_class.tokenizer
+    for row_ids, row_labels, answer in zip(input_ids, labels, ["Noise, mostly.", "Grey."]):
+        supervised = row_labels != -100
+        first = int(supervised.nonzero()[0])
+        assert not supervised[:first].any()  # the whole prompt, image tokens included, is unsupervised
+        assert tokenizer.decode(row_ids[supervised]) == answer + "<|im_end|>"
+
+
+def test_sft_step_calls_the_base_model(sft_step):
+    calls = sft_step["calls"]
+    assert len(calls) == 1 and calls[0]["args"] == 0
+    # What TRL 1.16's fused LM head passes to model.model: the collator's keys minus labels, plus use_cache=False
+    assert set(calls[0]["kwargs"]) == {"input_ids", "attention_mask", "pixel_values", "image_sizes", "use_cache"}
+    assert calls[0]["guidance"], "Vision Remember did not run in the training step"
+
+
+def assert_answers_stay_out_of_the_text_guided_token(step):
+    call = step["calls"][0]
+    labels = step["batch"]["labels"]
+    answer_and_after = (labels != -100).cumsum(dim=-1) > 0
+    assert call["guidance"]
+    for guidance in call["guidance"]:
+        assert guidance.shape == labels.shape
+        assert not guidance[answer_and_after].any(), "the text-guided token pools answer tokens"
+        assert guidance[~answer_and_after & (step["batch"]["attention_mask"] == 1)].any()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "TRL 1.16's fused LM head (trl.trainer.utils.add_fused_lm_head) takes `labels` as its own argument and "
+        "calls model.model(**kwargs) without them, so VisionRememberModel.prompt_mask cannot tell the answer from "
+        "the prompt and the text-guided token pools the teacher-forced answer tokens (a label leak): "
+        "vr_hf.training.pass_labels_to_base_model closes it (next test)."
+    ),
+)
+def test_plain_sft_step_keeps_answers_out_of_the_text_guided_token(sft_step):
+    assert_answers_stay_out_of_the_text_guided_token(sft_step)
+
+
+def test_sft_step_with_label_hooks_keeps_answers_out_of_the_text_guided_token(sft_step_with_labels):
+    step = sft_step_with_labels
+    kwargs = step["calls"][0]["kwargs"]
+    assert torch.equal(kwargs["labels"], step["batch"]["labels"])
+    assert_answers_stay_out_of_the_text_guided_token(step)
+    losses = [entry["loss"] for entry in step["trainer"].state.log_history if "loss" in entry]
+    assert losses and all(math.isfinite(loss) for loss in losses)
