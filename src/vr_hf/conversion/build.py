@@ -1,5 +1,5 @@
-"""Build a LLaVA-VR checkpoint (`VisionRememberForConditionalGeneration`) from a pretrained vision tower and a pretrained
-decoder.
+"""Build a LLaVA-VR checkpoint (`VisionRememberForConditionalGeneration`) from a pretrained vision tower and a
+pretrained decoder.
 
 The pretrained weights are copied in untouched (the decoder's embedding matrix only grows by the rows of tokens the
 tokenizer lacked); the projector, the image newline and the Vision Remember blocks are freshly initialised. With
@@ -74,13 +74,13 @@ def _check_output_dir(output_dir: str, overwrite: bool) -> str:
 
 
 def _vision_config(source_config):
-    """The vision part of a vision checkpoint's config: `SiglipModel`/`CLIPModel` configs hold it as `vision_config`."""
+    """The vision part of a checkpoint's config: `SiglipModel`/`CLIPModel` configs hold it as `vision_config`."""
     config = getattr(source_config, "vision_config", None) or source_config
     missing = [field for field in VISION_CONFIG_FIELDS if getattr(config, field, None) is None]
     if missing:
         raise ConversionError(
-            f"The vision checkpoint's config ({type(source_config).__name__}, model_type {source_config.model_type!r}) "
-            f"lacks {missing}: give a ViT-style vision model with hidden states (SigLIP, CLIP, ...)."
+            f"The vision checkpoint's config ({type(source_config).__name__}, model_type "
+            f"{source_config.model_type!r}) lacks {missing}: give a ViT-style vision model with hidden states (SigLIP, CLIP, ...)."
         )
     return config
 
@@ -147,8 +147,8 @@ def _copy(target: torch.nn.Module, state: dict, role: str, source: str):
     missing = sorted(set(expected) - set(state))
     if missing:
         raise ConversionError(
-            f"The {role} checkpoint {source!r} lacks {len(missing)} weights the model needs, e.g. {missing[:5]}: is it "
-            "the right kind of model?"
+            f"The {role} checkpoint {source!r} lacks {len(missing)} weights the model needs, e.g. {missing[:5]}: "
+            "is it the right kind of model?"
         )
     for name, tensor in expected.items():
         if state[name].shape != tensor.shape:
@@ -171,6 +171,11 @@ def _model_card(model, vision_model: str, text_model: str, added_tokens: list[st
         else "off (`use_vision_remember=False`: the plain compressed baseline)"
     )
     anyres = config.image_grid_pinpoints or "off (one view per image)"
+    vision_name = os.path.basename(os.path.normpath(vision_model))
+    text_name = os.path.basename(os.path.normpath(text_model))
+    vision_row = f"`{vision.model_type}`, {vision.num_hidden_layers} layers, width {vision.hidden_size}, {vision.image_size} px, patch {vision.patch_size}"  # noqa: E501
+    text_row = f"`{text.model_type}`, {text.num_hidden_layers} layers, width {text.hidden_size}, vocabulary {old_vocab} -> {text.vocab_size}"  # noqa: E501
+    projector_row = f"`{config.projector_type}`, {grid}x{grid} patches -> {tokens}x{tokens} tokens per view (ratio 1/{config.downsample_factor**2})"  # noqa: E501
     added = ", ".join(f"`{token}`" for token in added_tokens) or "none"
     return f"""---
 library_name: transformers
@@ -181,17 +186,17 @@ tags:
 - custom_code
 ---
 
-# LLaVA-VR built from `{os.path.basename(os.path.normpath(vision_model))}` and `{os.path.basename(os.path.normpath(text_model))}`
+# LLaVA-VR built from `{vision_name}` and `{text_name}`
 
-A `VisionRememberForConditionalGeneration` (LLaVA-VR) assembled from pretrained parts. **Only the vision tower and the
-decoder are pretrained**: the projector, the image newline and the Vision Remember blocks are freshly initialised, so this
-checkpoint needs multimodal training before it is useful.
+A `VisionRememberForConditionalGeneration` (LLaVA-VR) assembled from pretrained parts. **Only the vision tower and
+the decoder are pretrained**: the projector, the image newline and the Vision Remember blocks are freshly
+initialised, so this checkpoint needs multimodal training before it is useful.
 
 | part | source | |
 | --- | --- | --- |
-| vision tower | `{vision_model}` | `{vision.model_type}`, {vision.num_hidden_layers} layers, width {vision.hidden_size}, {vision.image_size} px, patch {vision.patch_size} |
-| decoder | `{text_model}` | `{text.model_type}`, {text.num_hidden_layers} layers, width {text.hidden_size}, vocabulary {old_vocab} -> {text.vocab_size} |
-| projector | new | `{config.projector_type}`, {grid}x{grid} patches -> {tokens}x{tokens} tokens per view (ratio 1/{config.downsample_factor**2}) |
+| vision tower | `{vision_model}` | {vision_row} |
+| decoder | `{text_model}` | {text_row} |
+| projector | new | {projector_row} |
 | Vision Remember | new | {remember} |
 
 - AnyRes: {anyres}.
