@@ -80,7 +80,8 @@ def _vision_config(source_config):
     if missing:
         raise ConversionError(
             f"The vision checkpoint's config ({type(source_config).__name__}, model_type "
-            f"{source_config.model_type!r}) lacks {missing}: give a ViT-style vision model with hidden states (SigLIP, CLIP, ...)."
+            f"{source_config.model_type!r}) lacks {missing}: give a ViT-style vision model with hidden states "
+            "(SigLIP, CLIP, ...)."
         )
     return config
 
