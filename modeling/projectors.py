@@ -89,7 +89,7 @@ class PerceiverLayer(nn.Module):
         self.query_norm = nn.LayerNorm(hidden_size)
         self.feature_norm = nn.LayerNorm(hidden_size)
         self.q_proj = nn.Linear(hidden_size, hidden_size)
-        self.k_proj = nn.Linear(hidden_size, hidden_size)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)  # a key bias cannot change a softmax
         self.v_proj = nn.Linear(hidden_size, hidden_size)
         self.o_proj = nn.Linear(hidden_size, hidden_size)
         self.mlp_norm = nn.LayerNorm(hidden_size)

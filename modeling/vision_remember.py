@@ -151,7 +151,7 @@ class TokenBidirectionalSelfAttention(nn.Module):
         self.text_guidance = config.text_guidance
         self.norm = nn.RMSNorm(hidden_size, eps=config.text_config.rms_norm_eps)
         self.q_proj = nn.Linear(hidden_size, hidden_size)
-        self.k_proj = nn.Linear(hidden_size, hidden_size)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)  # a key bias cannot change a softmax
         self.v_proj = nn.Linear(hidden_size, hidden_size)
         self.out_proj = OutputProjection(hidden_size, hidden_size)
         self.attention = AttentionSettings(config, self.head_dim)

@@ -13,23 +13,13 @@ import torch
 
 from vr_hf.modeling import VisionRememberForConditionalGeneration
 from vr_hf.modeling.image_layout import ImageLayout
-from vr_hf.tiny import SPECIAL_TOKENS, tiny_config
+from vr_hf.tiny import tiny_config
 
 
 PROJECTORS = ["avg_pool", "pixel_shuffle", "perceiver", "ldpv2"]
 RATIOS = [2, 3, 4]
 INTERACTIONS = ["local", "deformable", "global"]
 SWITCHES = ["multi_level", "bidirectional", "text_guidance"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: intra-op threads only add synchronisation, and on a busy 2-core machine they make the
-    file 10-30x slower. One thread for this file; the setting is restored after it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def rotated_switches(projector: int, ratio: int, interaction: int) -> dict:
@@ -66,29 +56,17 @@ def micro_model(**axes) -> VisionRememberForConditionalGeneration:
     """Smaller than `tiny_config`: 2 vision layers of width 16, 3 decoder layers of width 32. Vision Remember runs
     after decoder layers 0 and 1 (after the last one it could reach no supervised position) with non-zero output
     projections (`identity_init=False`), so one backward reaches every one of its parameters."""
-    vocab_size = 256 + len(SPECIAL_TOKENS)
+    tiny = tiny_config()
     config = tiny_config(
         vision_config=dict(
-            model_type="siglip_vision_model",
+            tiny.vision_config.to_dict(),
             hidden_size=16,
             intermediate_size=32,
             num_hidden_layers=2,
             num_attention_heads=2,
-            image_size=36,
-            patch_size=3,
-            vision_use_head=False,
         ),
         text_config=dict(
-            model_type="qwen2",
-            vocab_size=vocab_size,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-            pad_token_id=256,
-            eos_token_id=258,
+            tiny.text_config.to_dict(), hidden_size=32, intermediate_size=64, num_hidden_layers=3, layer_types=None
         ),
         vision_feature_layers=[1, 2],
         remember_after_layers=[0, 1],
@@ -129,16 +107,13 @@ def training_batch(config) -> dict:
 
 
 def parameters_that_need_gradients(model) -> dict:
-    """Every parameter but two kinds that get none by construction: the vision tower's post-layernorm (the model
-    reads the tower's hidden states, which come before it), and the key biases of the Vision Remember
-    self-attention and the Perceiver (they shift all of a query's logits by the same amount, which softmax ignores;
-    the decoder's are different, since RoPE rotates them per position)."""
-
-    def gets_none(name: str) -> bool:
-        key_bias = name.endswith("k_proj.bias") and not name.startswith("model.language_model.")
-        return key_bias or name.startswith("model.vision_tower.post_layernorm.")
-
-    return {name: parameter for name, parameter in model.named_parameters() if not gets_none(name)}
+    """Every parameter but the vision tower's post-layernorm: the model reads the tower's hidden states, which come
+    before it."""
+    return {
+        name: parameter
+        for name, parameter in model.named_parameters()
+        if not name.startswith("model.vision_tower.post_layernorm.")
+    }
 
 
 def check_switches_took_effect(model, case: dict):
