@@ -91,6 +91,16 @@ def check_image_tokens(is_image_token: torch.Tensor, tokens_per_image: list[int]
             )
 
 
+def hand_labels_to_model(module, args, kwargs):
+    """Forward pre-hook on the head. Trainers with a fused LM head (TRL's `SFTTrainer`) keep `labels` for themselves
+    and call `self.model` without them: hand them over, so the text-guided token still never pools an answer."""
+    module.model.caller_labels = kwargs.get("labels")
+
+
+def forget_caller_labels(module, args, kwargs, output):
+    module.model.caller_labels = None
+
+
 class VisionRememberPreTrainedModel(PreTrainedModel):
     config: VisionRememberConfig
     base_model_prefix = "model"
@@ -134,6 +144,7 @@ class VisionRememberModel(VisionRememberPreTrainedModel):
         self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size)) if anyres else None
         self.language_model = AutoModel.from_config(config.text_config)
         self.image_layout = ImageLayout.from_config(config)
+        self.caller_labels = None  # the head's `labels` when a trainer calls this module without them
         self.vision_remember = VisionRemember(config) if config.use_vision_remember else None
         if self.vision_remember is not None:
             self.vision_remember.attach(self.language_model.layers)
@@ -230,6 +241,7 @@ class VisionRememberModel(VisionRememberPreTrainedModel):
             vision_tokens = image_features.tokens.to(inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.index_put((token_batch, token_position), vision_tokens)
             if self.vision_remember is not None:
+                labels = labels if labels is not None else self.caller_labels
                 guidance = prompt_mask(input_ids, self.config.image_token_id, attention_mask, labels, prompt_length)
                 kwargs["vision_remember"] = self.vision_remember.prepare(
                     image_features.features, token_batch, token_position, image_features.window_index, guidance
@@ -259,6 +271,8 @@ class VisionRememberForConditionalGeneration(VisionRememberPreTrainedModel, Gene
         super().__init__(config)
         self.model = VisionRememberModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.register_forward_pre_hook(hand_labels_to_model, with_kwargs=True)
+        self.register_forward_hook(forget_caller_labels, with_kwargs=True, always_call=True)
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Module:

@@ -13,7 +13,6 @@ from vr_hf.tiny import byte_tokenizer, tiny_config
 from vr_hf.training import (
     PARTS,
     part_parameters,
-    pass_labels_to_base_model,
     trainable_parameter_groups,
     trainable_parts,
 )
@@ -163,7 +162,7 @@ def test_llava_json_raise_names_the_row(tmp_path, bad_id, reason):
 # ---------------------------------------------------------------------------------------------- TRL SFTTrainer
 
 
-def run_sft_step(tmp_path_factory, label_hooks: bool):
+def run_sft_step(tmp_path_factory):
     """One SFTTrainer step (assistant-only loss) on the tiny model, recording what reaches `model.model`."""
     datasets = pytest.importorskip("datasets")
     trl = pytest.importorskip("trl")
@@ -173,8 +172,6 @@ def run_sft_step(tmp_path_factory, label_hooks: bool):
     from vr_hf import VisionRememberForConditionalGeneration
 
     model = VisionRememberForConditionalGeneration(config)
-    if label_hooks:
-        pass_labels_to_base_model(model)
     processor = build_processor(config, byte_tokenizer())
     rows = [
         {"images": [random_image(40, 90, seed=1)], "messages": conversation("What is it?", "Noise, mostly.")},
@@ -226,13 +223,7 @@ def run_sft_step(tmp_path_factory, label_hooks: bool):
 @pytest.fixture(scope="module")
 def sft_step(tmp_path_factory):
     """Plain TRL: what SFTTrainer does to a Vision Remember model out of the box."""
-    return run_sft_step(tmp_path_factory, label_hooks=False)
-
-
-@pytest.fixture(scope="module")
-def sft_step_with_labels(tmp_path_factory):
-    """With `pass_labels_to_base_model`: the labels TRL keeps for its fused head also reach `model.model`."""
-    return run_sft_step(tmp_path_factory, label_hooks=True)
+    return run_sft_step(tmp_path_factory)
 
 
 def test_sft_step_loss_is_finite(sft_step):
@@ -276,23 +267,6 @@ def assert_answers_stay_out_of_the_text_guided_token(step):
         assert guidance[~answer_and_after & (step["batch"]["attention_mask"] == 1)].any()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "TRL 1.16's fused LM head (trl.trainer.utils.add_fused_lm_head) takes `labels` as its own argument and "
-        "calls model.model(**kwargs) without them, so VisionRememberModel.prompt_mask cannot tell the answer from "
-        "the prompt and the text-guided token pools the teacher-forced answer tokens (a label leak): "
-        "vr_hf.training.pass_labels_to_base_model closes it (next test)."
-    ),
-)
-def test_plain_sft_step_keeps_answers_out_of_the_text_guided_token(sft_step):
+def test_sft_step_keeps_answers_out_of_the_text_guided_token(sft_step):
+    """TRL's fused LM head keeps `labels` and calls `model.model` without them; the head hands them over."""
     assert_answers_stay_out_of_the_text_guided_token(sft_step)
-
-
-def test_sft_step_with_label_hooks_keeps_answers_out_of_the_text_guided_token(sft_step_with_labels):
-    step = sft_step_with_labels
-    kwargs = step["calls"][0]["kwargs"]
-    assert torch.equal(kwargs["labels"], step["batch"]["labels"])
-    assert_answers_stay_out_of_the_text_guided_token(step)
-    losses = [entry["loss"] for entry in step["trainer"].state.log_history if "loss" in entry]
-    assert losses and all(math.isfinite(loss) for loss in losses)

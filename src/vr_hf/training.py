@@ -113,42 +113,6 @@ def trainable_parameter_groups(
     return groups
 
 
-def pass_labels_to_base_model(model: nn.Module) -> list:
-    """Make `labels` given to the head reach `model.model`, so the text-guided token never pools answer tokens.
-
-    TRL's `SFTTrainer` (1.16) patches the head's forward with a fused LM head that keeps `labels` for itself and calls
-    `model.model(input_ids=..., attention_mask=..., pixel_values=..., image_sizes=..., use_cache=False)`: without
-    labels, `VisionRememberModel` cannot tell the answer from the prompt and the text-guided token would pool the
-    teacher-forced answer (a label leak). Two hooks close that gap without touching the forward: one on the
-    head records the `labels` of each call, one on `model.model` passes them on when the call has none. Call it
-    once, before training (before PEFT wrapping); returns the hook handles (`handle.remove()` undoes it).
-    """
-    base = getattr(model, "model", None)
-    if base is None or not hasattr(base, "vision_remember"):
-        raise ValueError(
-            "Expected a VisionRememberForConditionalGeneration, whose `model` is the VisionRememberModel."
-        )
-    state = {}
-
-    def record(module, args, kwargs):
-        state["labels"] = kwargs.get("labels")
-
-    def forget(module, args, kwargs, output):
-        state.pop("labels", None)
-
-    def pass_on(module, args, kwargs):
-        labels = state.get("labels")
-        if labels is not None and kwargs.get("labels") is None:
-            return args, {**kwargs, "labels": labels}
-        return None
-
-    return [
-        model.register_forward_pre_hook(record, with_kwargs=True),
-        model.register_forward_hook(forget, with_kwargs=True, always_call=True),
-        base.register_forward_pre_hook(pass_on, with_kwargs=True),
-    ]
-
-
 def trainable_parts(model: nn.Module) -> dict[str, bool]:
     """For each part the model has: whether any of its parameters trains."""
     status = {}
@@ -166,7 +130,6 @@ __all__ = [
     "PHASE_2",
     "PHASES",
     "part_parameters",
-    "pass_labels_to_base_model",
     "trainable_parameter_groups",
     "trainable_parts",
 ]
