@@ -37,6 +37,15 @@ def active_model(seed: int = 0, **config_overrides) -> VisionRememberForConditio
     return model
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """The models here are tiny: intra-op threads only add synchronisation, and slow everything down on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return byte_tokenizer()

@@ -162,6 +162,7 @@ def remote(checkpoint, tmp_path_factory):
         HF_HOME=str(work / "hf_home"),
         HF_MODULES_CACHE=str(work / "modules"),
         TRANSFORMERS_VERBOSITY="error",
+        OMP_NUM_THREADS=str(torch.get_num_threads()),  # the same reduction order as this process: bitwise-equal logits
     )
     command = [sys.executable, "-I", str(script), str(checkpoint["folder"]), str(image_path), PROMPT]
     command += [str(MAX_NEW_TOKENS), str(output)]

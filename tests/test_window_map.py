@@ -23,16 +23,6 @@ VIEWS_PER_ID = 100  # a view's id is image * 100 + view within the image; padded
 GRID = 12  # patches per side of a view in `tiny_config` (36 px / 3 px patches): ratios 2, 3 and 4 all tile it
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: intra-op threads only add synchronisation, and on a busy 2-core machine they make the
-    file 10-30x slower. One thread for this file; the setting is restored after it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class PadChannels(nn.Module):
     """Stands in for the projector MLP: vision channels copied unchanged into the decoder width."""
 
