@@ -1,0 +1,57 @@
+"""The processor writes exactly as many image tokens as the model makes vision tokens, for any image size."""
+
+import pytest
+import torch
+
+from vr_hf import VisionRememberProcessor
+from vr_hf.processor import build_processor
+
+from conftest import build_model, conversation, random_image
+
+
+SIZES = [(36, 36), (20, 72), (72, 20), (50, 90), (90, 50), (7, 200), (200, 7), (123, 61), (1, 1), (300, 300)]
+
+
+@pytest.mark.parametrize("anyres", [True, False], ids=["anyres", "single-view"])
+def test_image_tokens_match_the_vision_tokens_the_model_makes(tokenizer, anyres):
+    overrides = {} if anyres else {"image_grid_pinpoints": None}
+    model = build_model(**overrides)
+    processor = build_processor(model.config, tokenizer)
+    images = [random_image(height, width, seed=index) for index, (height, width) in enumerate(SIZES)]
+    text = processor.apply_chat_template(conversation("Which?"), add_generation_prompt=True)
+    batch = processor(images=images, text=[text] * len(images), padding=True, return_tensors="pt")
+
+    written = (batch["input_ids"] == model.config.image_token_id).sum(dim=1).tolist()
+    with torch.no_grad():
+        made = model.model.get_image_features(batch["pixel_values"], batch.get("image_sizes")).tokens
+    assert sum(written) == len(made)
+    expected = [model.model.image_layout.num_tokens(size if anyres else None) for size in SIZES]
+    assert written == expected
+    assert len(set(written)) > 1 if anyres else set(written) == {model.config.tokens_per_side**2}
+
+
+def test_chat_template_marks_exactly_the_answers(processor):
+    messages = conversation("Name the shape.", "A circle.") + [
+        {"role": "user", "content": [{"type": "text", "text": "Sure?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Yes."}]},
+    ]
+    image = random_image(40, 40)
+    messages[0]["content"][0]["image"] = image
+    encoded = processor.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    ids, mask = encoded["input_ids"][0], encoded["assistant_masks"][0]
+    marked = processor.tokenizer.decode([token for token, marked in zip(ids, mask) if marked])
+    assert marked == "A circle.<|im_end|>Yes.<|im_end|>"
+
+
+def test_generation_prompt_and_batch_decode(processor):
+    prompt = processor.apply_chat_template(conversation("Hi", image=False), add_generation_prompt=True)
+    assert prompt == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    ids = processor(text=[prompt, "plain"], padding=True, return_tensors="pt")["input_ids"]
+    assert processor.batch_decode(ids, skip_special_tokens=True) == ["user\nHi\nassistant\n", "plain"]
+
+
+def test_unknown_image_token_is_refused(tokenizer):
+    with pytest.raises(ValueError, match="does not know image_token"):
+        VisionRememberProcessor(image_processor=None, tokenizer=tokenizer, image_token="<image>")
