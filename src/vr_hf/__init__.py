@@ -10,8 +10,14 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Aut
 from .modeling import (
     VisionRememberConfig,
     VisionRememberForConditionalGeneration,
+    VisionRememberMiniCPMV4_6Config,
+    VisionRememberMiniCPMV4_6ForConditionalGeneration,
+    VisionRememberMiniCPMV4_6Model,
     VisionRememberModel,
     VisionRememberPreTrainedModel,
+    VisionRememberQwen2_5_VLConfig,
+    VisionRememberQwen2_5_VLForConditionalGeneration,
+    VisionRememberQwen2_5_VLModel,
 )
 from .modeling.processing_vision_remember import VisionRememberProcessor
 
@@ -26,8 +32,30 @@ VisionRememberModel.register_for_auto_class("AutoModel")
 VisionRememberForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 VisionRememberProcessor.register_for_auto_class("AutoProcessor")
 
+# Native VLMs with Vision Remember grafted on (`vr_hf.conversion.graft`)
+for _config, _model, _head in (
+    (VisionRememberQwen2_5_VLConfig, VisionRememberQwen2_5_VLModel, VisionRememberQwen2_5_VLForConditionalGeneration),
+    (
+        VisionRememberMiniCPMV4_6Config,
+        VisionRememberMiniCPMV4_6Model,
+        VisionRememberMiniCPMV4_6ForConditionalGeneration,
+    ),
+):
+    AutoConfig.register(_config.model_type, _config)
+    AutoModel.register(_config, _model)
+    AutoModelForImageTextToText.register(_config, _head)
+    _config.register_for_auto_class("AutoConfig")
+    _model.register_for_auto_class("AutoModel")
+    _head.register_for_auto_class("AutoModelForImageTextToText")
+
 __all__ = [
     "VisionRememberConfig",
+    "VisionRememberMiniCPMV4_6Config",
+    "VisionRememberMiniCPMV4_6ForConditionalGeneration",
+    "VisionRememberMiniCPMV4_6Model",
+    "VisionRememberQwen2_5_VLConfig",
+    "VisionRememberQwen2_5_VLForConditionalGeneration",
+    "VisionRememberQwen2_5_VLModel",
     "VisionRememberForConditionalGeneration",
     "VisionRememberModel",
     "VisionRememberPreTrainedModel",

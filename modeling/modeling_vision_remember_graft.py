@@ -1,0 +1,180 @@
+"""What every native VLM with Vision Remember grafted on shares: the blocks hooked after the chosen decoder layers,
+the vision hidden states captured while the native vision encoder runs, the per-forward context, the weights' init.
+
+A backbone's model subclasses `VisionRememberGraftModelMixin` and the native `...Model`, and turns its vision encoder's
+hidden states into the multi-level features and each vision token's window of them; its head subclasses
+`VisionRememberGraftForConditionalGenerationMixin` and the native `...ForConditionalGeneration`. The native forward
+runs unchanged: the image features are computed once and handed to it as `mm_encoder_outputs`, and the Vision Remember
+context reaches the decoder layers' hooks through the keyword arguments the native models forward to every layer.
+"""
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from .image_layout import NO_WINDOW
+from .modeling_vision_remember import check_image_tokens, forget_caller_labels, hand_labels_to_model, prompt_mask
+from .vision_remember import OutputProjection, RememberContext, SamplingOffsets, VisionRemember
+
+
+@dataclass
+class RememberImageOutputs(BaseModelOutputWithPooling):
+    r"""
+    The native `get_image_features` outputs, plus what Vision Remember reads:
+
+    remember_features (`torch.FloatTensor` of shape `(num_feature_positions, L * Dv)`):
+        The multi-level vision features of all images.
+    window_index (`torch.LongTensor` of shape `(num_vision_tokens, window)`):
+        Each vision token's rows of `remember_features`, -1 where none.
+    """
+
+    remember_features: torch.FloatTensor | None = None
+    window_index: torch.LongTensor | None = None
+
+
+def _keep_input(states: dict, index: int, module, args):
+    states[index] = args[0]
+
+
+def _keep_output(states: dict, index: int, module, args, output):
+    states[index] = output
+
+
+@contextmanager
+def capture_hidden_states(layers: nn.ModuleList, indices: list[int]):
+    """Collect the encoder's `hidden_states[index]` (0: the input of `layers[0]`, `i`: the output of `layers[i - 1]`)
+    while it runs inside the `with` block, without keeping the others."""
+    states = {}
+    handles = [
+        layers[0].register_forward_pre_hook(partial(_keep_input, states, 0))
+        if index == 0
+        else layers[index - 1].register_forward_hook(partial(_keep_output, states, index))
+        for index in set(indices)
+    ]
+    try:
+        yield states
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def block_windows(height: int, width: int, side: int, device=None) -> torch.Tensor:
+    """Rows of a row-major `height x width` patch grid that each `side x side` block covers, blocks in row-major order:
+    `(height * width / side**2, side**2)`, each block's rows in row-major order."""
+    grid = torch.arange(height * width, device=device).view(height // side, side, width // side, side)
+    return grid.permute(0, 2, 1, 3).reshape(-1, side * side)
+
+
+def global_windows(rows_per_image: list[int], tokens_per_image: list[int], device=None) -> torch.Tensor:
+    """Every feature row of its image for each token, padded with `NO_WINDOW`: `(num_tokens, max(rows_per_image))`."""
+    width, start, windows = max(rows_per_image), 0, []
+    for rows, tokens in zip(rows_per_image, tokens_per_image):
+        window = F.pad(torch.arange(start, start + rows, device=device), (0, width - rows), value=NO_WINDOW)
+        windows.append(window.expand(tokens, width))
+        start += rows
+    return torch.cat(windows)
+
+
+def init_vision_remember_weights(module: nn.Module, identity_init: bool):
+    """The Vision Remember parts whose init is not the generic one: zero output projections (identity at init) and
+    the deformable sampling points on a ring halfway between the window's centre and its border."""
+    if isinstance(module, OutputProjection) and identity_init:
+        init.zeros_(module.weight)
+        init.zeros_(module.bias)
+    elif isinstance(module, SamplingOffsets):
+        angles = torch.arange(module.num_points) * (2 * math.pi / module.num_points)
+        ring = torch.stack([angles.cos(), angles.sin()], dim=-1).flatten() * 0.5
+        init.zeros_(module.weight)
+        init.copy_(module.bias, torch.atanh(ring))
+
+
+class VisionRememberGraftPreTrainedMixin:
+    """Initialises the Vision Remember weights; goes first in the bases of both the model and its head."""
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        init_vision_remember_weights(module, self.config.identity_init)
+
+
+class VisionRememberGraftModelMixin(VisionRememberGraftPreTrainedMixin):
+    """Adds `vision_remember` to a native model that has a decoder at `language_model.layers`."""
+
+    def graft_vision_remember(self):
+        """Call at the end of `__init__`, after the native model is built."""
+        self.caller_labels = None  # the head's `labels` when a trainer calls this module without them
+        self.vision_remember = VisionRemember(self.config)
+        self.vision_remember.attach(self.language_model.layers)
+        self.post_init()
+
+    def windows(self, local: torch.Tensor, rows_per_image: list[int], tokens_per_image: list[int]) -> torch.Tensor:
+        """Each token's window: its own patch block (`local`), or its whole image for `interaction="global"`."""
+        if self.config.interaction == "global":
+            return global_windows(rows_per_image, tokens_per_image, local.device)
+        return local
+
+    def remember_context(
+        self, input_ids, attention_mask, labels, prompt_length, mm_encoder_outputs: dict | None
+    ) -> RememberContext | None:
+        """The context the hooked blocks read when the forward pass carries images (prefill), else None."""
+        image = (mm_encoder_outputs or {}).get("image")
+        if image is None:
+            return None
+        if getattr(image, "remember_features", None) is None:
+            raise ValueError(
+                "mm_encoder_outputs['image'] holds no Vision Remember features: pass pixel_values, or the output of "
+                "this model's own get_image_features."
+            )
+        if input_ids is None:
+            raise ValueError(
+                "Vision Remember needs input_ids with images: their image tokens mark where the vision tokens go."
+            )
+        image_token_id = self.config.image_token_id
+        check_image_tokens(input_ids == image_token_id, [len(tokens) for tokens in image.pooler_output])
+        token_batch, token_position = (input_ids == image_token_id).nonzero(as_tuple=True)
+        labels = labels if labels is not None else self.caller_labels
+        guidance = prompt_mask(input_ids, image_token_id, attention_mask, labels, prompt_length)
+        if getattr(self.config, "video_token_id", None) is not None:
+            guidance &= input_ids != self.config.video_token_id
+        return self.vision_remember.prepare(
+            image.remember_features, token_batch, token_position, image.window_index, guidance
+        )
+
+
+class VisionRememberGraftForConditionalGenerationMixin(VisionRememberGraftPreTrainedMixin):
+    """The head: hands trainers' labels to the model, and keeps generated text out of the text-guided token."""
+
+    def hand_labels_to_model(self):
+        """Call in `__init__`. Trainers with a fused LM head call `self.model` without `labels`: hand them over, so
+        the text-guided token still never pools an answer."""
+        self.register_forward_pre_hook(hand_labels_to_model, with_kwargs=True)
+        self.register_forward_hook(forget_caller_labels, with_kwargs=True, always_call=True)
+
+    def generate(self, inputs: torch.Tensor | None = None, **kwargs):
+        """`GenerationMixin.generate`, with the prompt length pinned: generated text never feeds Vision Remember."""
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if input_ids is not None and kwargs.get("pixel_values") is not None:
+            kwargs.setdefault("prompt_length", input_ids.shape[1])
+        return super().generate(inputs, **kwargs)
+
+    def _validate_model_kwargs(self, model_kwargs: dict):
+        """The native head's forward takes `prompt_length` through `**kwargs` and hands it to `self.model`."""
+        model_kwargs.pop("prompt_length", None)
+        super()._validate_model_kwargs(model_kwargs)
+
+
+__all__ = [
+    "RememberImageOutputs",
+    "VisionRememberGraftForConditionalGenerationMixin",
+    "VisionRememberGraftModelMixin",
+    "block_windows",
+    "capture_hidden_states",
+    "global_windows",
+]

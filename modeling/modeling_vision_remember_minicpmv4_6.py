@@ -1,0 +1,122 @@
+"""MiniCPM-V 4.6 with Vision Remember: the native `MiniCPMV4_6ForConditionalGeneration`, its weights under their own
+keys, plus `model.vision_remember`.
+
+The encoder runs on each image's row-major patch grid. In `"16x"` mode the window-attention merger after
+`insert_layer_id` merges 2x2 patches and the final merger 2x2 of those: each vision token covers a 4x4 block of the
+full-resolution patches. In `"4x"` mode only the final merger runs: 2x2 blocks. That block of full-resolution hidden
+states (layers up to `insert_layer_id`) is each token's window of multi-level features.
+"""
+
+import torch
+from torch import nn
+from transformers.models.minicpmv4_6.modeling_minicpmv4_6 import (
+    MiniCPMV4_6ForConditionalGeneration,
+    MiniCPMV4_6Model,
+)
+from transformers.utils.generic import can_return_tuple
+
+from .configuration_vision_remember_minicpmv4_6 import VisionRememberMiniCPMV4_6Config
+from .modeling_vision_remember_graft import (
+    RememberImageOutputs,
+    VisionRememberGraftForConditionalGenerationMixin,
+    VisionRememberGraftModelMixin,
+    block_windows,
+    capture_hidden_states,
+)
+
+
+PATCHES_PER_TOKEN_SIDE = {"16x": 4, "4x": 2}
+
+
+class VisionRememberMiniCPMV4_6Model(VisionRememberGraftModelMixin, MiniCPMV4_6Model):
+    """[`MiniCPMV4_6Model`] whose image tokens are rewritten after the chosen decoder layers from the multi-level
+    features of the patch block each was merged from. All Vision Remember logic lives here (trainers call it)."""
+
+    config: VisionRememberMiniCPMV4_6Config
+
+    def __init__(self, config: VisionRememberMiniCPMV4_6Config):
+        super().__init__(config)
+        self.graft_vision_remember()
+
+    @can_return_tuple
+    def get_image_features(
+        self, pixel_values: torch.Tensor, target_sizes: torch.IntTensor, downsample_mode: str | None = None, **kwargs
+    ) -> RememberImageOutputs:
+        """[`MiniCPMV4_6Model.get_image_features`], plus the multi-level features `(patches, L * C)` of all images in
+        order and each token's window of them."""
+        mode = downsample_mode or self.config.downsample_mode
+        if mode not in PATCHES_PER_TOKEN_SIDE:
+            raise ValueError(f"downsample_mode={mode!r} is unknown: use one of {tuple(PATCHES_PER_TOKEN_SIDE)}.")
+        layers = self.config.remember_feature_layers
+        with capture_hidden_states(self.vision_tower.encoder.layers, layers) as states:
+            outputs = super().get_image_features(pixel_values, target_sizes, downsample_mode=mode, **kwargs)
+        features = torch.cat([states[layer][0] for layer in layers], dim=-1)
+        side = PATCHES_PER_TOKEN_SIDE[mode]
+        sizes = target_sizes.tolist()
+        rows = [height * width for height, width in sizes]
+        starts = torch.tensor([0] + rows).cumsum(0).tolist()
+        local = torch.cat(
+            [
+                block_windows(height, width, side, features.device) + start
+                for (height, width), start in zip(sizes, starts)
+            ]
+        )
+        window_index = self.windows(local, rows, [count // side**2 for count in rows])
+        return RememberImageOutputs(**outputs, remember_features=features, window_index=window_index)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        target_sizes: torch.IntTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        downsample_mode: str | None = None,
+        labels: torch.LongTensor | None = None,
+        prompt_length: int | None = None,
+        mm_encoder_outputs: dict | None = None,
+        **kwargs,
+    ):
+        r"""
+        Takes every argument of [`MiniCPMV4_6Model.forward`], and:
+
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Only used to keep answers out of the text-guided token. The loss is the head's.
+        prompt_length (`int`, *optional*):
+            Positions from `prompt_length` on are generated text and never feed the text-guided token. Set by
+            `generate()`.
+        """
+        if pixel_values is not None and mm_encoder_outputs is None:
+            image = self.get_image_features(pixel_values[:1], target_sizes, downsample_mode=downsample_mode)
+            mm_encoder_outputs, pixel_values = {"image": image}, None
+        context = self.remember_context(input_ids, attention_mask, labels, prompt_length, mm_encoder_outputs)
+        if context is not None:
+            kwargs["vision_remember"] = context
+        return super().forward(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            target_sizes=target_sizes,
+            attention_mask=attention_mask,
+            downsample_mode=downsample_mode,
+            mm_encoder_outputs=mm_encoder_outputs,
+            **kwargs,
+        )
+
+
+class VisionRememberMiniCPMV4_6ForConditionalGeneration(
+    VisionRememberGraftForConditionalGenerationMixin, MiniCPMV4_6ForConditionalGeneration
+):
+    """[`MiniCPMV4_6ForConditionalGeneration`] with Vision Remember in its `model`; same state-dict keys, plus
+    `model.vision_remember.*`."""
+
+    config: VisionRememberMiniCPMV4_6Config
+
+    def __init__(self, config: VisionRememberMiniCPMV4_6Config):
+        super(MiniCPMV4_6ForConditionalGeneration, self).__init__(config)  # the native head, with our model
+        self.model = VisionRememberMiniCPMV4_6Model(config)
+        self.vocab_size = config.text_config.vocab_size
+        self.lm_head = nn.Linear(config.text_config.hidden_size, self.vocab_size, bias=False)
+        self.hand_labels_to_model()
+        self.post_init()
+
+
+__all__ = ["VisionRememberMiniCPMV4_6ForConditionalGeneration", "VisionRememberMiniCPMV4_6Model"]
