@@ -1,0 +1,113 @@
+"""LoRA and QLoRA on the decoder with PEFT; projector and Vision Remember fully trained; merging back to a checkpoint.
+
+    peft_config = lora_config(rank=16)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
+                         peft_config=peft_config)
+    trainer.train()
+    save_merged(trainer.model, processor, "llava-vr-merged")  # a remote-code checkpoint, no PEFT needed to load it
+
+Adapters go on the decoder's attention and MLP projections only: a plain list such as `["q_proj", "v_proj"]` would
+also hit the vision tower's and the Vision Remember blocks' projections. The projector and the Vision Remember blocks
+are new to the decoder, so they train in full (PEFT's `modules_to_save`). The AnyRes `image_newline` is a bare
+parameter, which `modules_to_save` cannot hold: it stays as phase 1 left it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from peft import LoraConfig, PeftModel
+from transformers import BitsAndBytesConfig
+
+
+DECODER_PROJECTIONS = r"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj"
+FULLY_TRAINED_MODULES = ["multi_modal_projector", "vision_remember"]
+# Kept in full precision under QLoRA: the frozen vision tower, the fully trained parts, and the (tied) head.
+NOT_QUANTIZED_MODULES = ["vision_tower", "multi_modal_projector", "vision_remember", "lm_head"]
+
+
+def lora_config(rank: int = 16, alpha: int | None = None, dropout: float = 0.05, **kwargs) -> LoraConfig:
+    """A `LoraConfig` with adapters on every decoder projection and the projector and Vision Remember fully trained.
+
+    Args:
+        rank: The LoRA rank `r`.
+        alpha: The LoRA scaling numerator; defaults to `2 * rank`.
+        dropout: Dropout on the adapters' input.
+        kwargs: Any other `LoraConfig` field (e.g. `use_rslora=True`).
+    """
+    return LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank if alpha is None else alpha,
+        lora_dropout=dropout,
+        target_modules=DECODER_PROJECTIONS,
+        modules_to_save=list(FULLY_TRAINED_MODULES),
+        task_type="CAUSAL_LM",
+        **kwargs,
+    )
+
+
+def qlora_quantization_config(compute_dtype: torch.dtype = torch.bfloat16) -> BitsAndBytesConfig:
+    """The 4-bit NF4 config for QLoRA: pass it to `from_pretrained(..., quantization_config=...)`.
+
+    Only the decoder is quantized. bitsandbytes' 4-bit kernels need a CUDA GPU; elsewhere this raises an error that
+    says so, before any weights load.
+    """
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RuntimeError("QLoRA needs bitsandbytes: `pip install bitsandbytes` (on a machine with a CUDA GPU).")
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "QLoRA needs a CUDA GPU: bitsandbytes' 4-bit layers do not run on this machine. "
+            "Train with plain LoRA (lora_config() without quantization) instead."
+        )
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=list(NOT_QUANTIZED_MODULES),
+    )
+
+
+def merge_lora(model: PeftModel):
+    """Fold the adapters into the decoder's weights and unwrap the fully trained modules.
+
+    Returns the plain `VisionRememberForConditionalGeneration`, with the same outputs as the adapted model.
+    """
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"Expected a peft.PeftModel (e.g. SFTTrainer's `trainer.model`), got {type(model).__name__}.")
+    return model.merge_and_unload()
+
+
+def save_merged(model: PeftModel, processor, output_dir) -> None:
+    """Merge the adapters and save model and processor as a remote-code checkpoint that loads without PEFT.
+
+    The merged model replaces the adapted one: `model` must not be used afterwards.
+    """
+    merged = merge_lora(model)
+    merged.save_pretrained(output_dir)
+    if processor is not None:
+        processor.save_pretrained(output_dir)
+    return merged
+
+
+def merge_adapter_checkpoint(base_model_path, adapter_path, output_dir, dtype: torch.dtype | None = None) -> None:
+    """Merge a saved adapter (from a LoRA or QLoRA run) into its unquantized base checkpoint and save the result.
+
+    QLoRA adapters are merged this way, into the full-precision weights rather than the 4-bit ones they trained on.
+    """
+    from .training import load_model_and_processor
+
+    base, processor = load_model_and_processor(base_model_path, dtype=dtype)
+    save_merged(PeftModel.from_pretrained(base, adapter_path), processor, output_dir)
+
+
+__all__ = [
+    "DECODER_PROJECTIONS",
+    "FULLY_TRAINED_MODULES",
+    "lora_config",
+    "merge_adapter_checkpoint",
+    "merge_lora",
+    "qlora_quantization_config",
+    "save_merged",
+]
