@@ -8,6 +8,7 @@ from trl import SFTTrainer
 
 from vr_hf.training import (
     PHASE_1,
+    batch_summary,
     parts_optimizer,
     recipe_config,
     recipe_model_and_data,
@@ -52,8 +53,7 @@ def learning_rates(args) -> dict[str, float]:
     return rates
 
 
-def main(argv=None) -> SFTTrainer:
-    args = parse_args(argv)
+def build_trainer(args) -> SFTTrainer:
     model, processor, dataset = recipe_model_and_data(args)
     rates = learning_rates(args)
     groups = trainable_parameter_groups(model, rates)  # freezes the rest before the Trainer wraps the model
@@ -61,17 +61,24 @@ def main(argv=None) -> SFTTrainer:
         "training " + ", ".join(f"{g['name']} ({sum(p.numel() for p in g['params']):,} at {g['lr']})" for g in groups)
     )
 
-    trainer = SFTTrainer(
+    return SFTTrainer(
         model=model,
         args=recipe_config(args, assistant_only_loss=True),
         train_dataset=dataset,
         processing_class=processor,
         optimizer_cls_and_kwargs=parts_optimizer(rates),
     )
+
+
+def main(argv=None) -> SFTTrainer:
+    args = parse_args(argv)
+    trainer = build_trainer(args)
+    if trainer.is_world_process_zero():
+        print(batch_summary(trainer.args))
     trainer.train(resume_from_checkpoint=args.resume)
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
-        processor.save_pretrained(args.output_dir)
+        trainer.processing_class.save_pretrained(args.output_dir)
     return trainer
 
 

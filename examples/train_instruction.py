@@ -13,6 +13,7 @@ from trl import SFTTrainer
 from vr_hf.lora import lora_config, qlora_quantization_config, save_merged
 from vr_hf.training import (
     PHASE_2,
+    batch_summary,
     parts_optimizer,
     recipe_config,
     recipe_model_and_data,
@@ -62,8 +63,7 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> SFTTrainer:
-    args = parse_args(argv)
+def build_trainer(args) -> SFTTrainer:
     quantization = {"quantization_config": qlora_quantization_config()} if args.qlora else {}
     model, processor, dataset = recipe_model_and_data(args, **quantization)
     if args.lora:  # PEFT freezes everything but the adapters and the modules it saves
@@ -73,16 +73,24 @@ def main(argv=None) -> SFTTrainer:
         trainable_parameter_groups(model, rates)  # freezes the vision tower before the Trainer wraps the model
         training = dict(optimizer_cls_and_kwargs=parts_optimizer(rates))
 
-    trainer = SFTTrainer(
+    return SFTTrainer(
         model=model,
         args=recipe_config(args, assistant_only_loss=True),
         train_dataset=dataset,
         processing_class=processor,
         **training,
     )
+
+
+def main(argv=None) -> SFTTrainer:
+    args = parse_args(argv)
+    trainer = build_trainer(args)
+    if trainer.is_world_process_zero():
+        print(batch_summary(trainer.args))
     trainer.train(resume_from_checkpoint=args.resume)
     trainer.save_model(args.output_dir)  # the adapter alone under LoRA
     if trainer.is_world_process_zero():
+        processor = trainer.processing_class
         processor.save_pretrained(args.output_dir)
         if args.merge:
             save_merged(trainer.model, processor, os.path.join(args.output_dir, "merged"))

@@ -262,7 +262,7 @@ def recipe_config(args, **overrides):
         warmup_steps=int(args.warmup) if args.warmup >= 1 else args.warmup,  # a count, or a fraction of the steps
         weight_decay=0.0,
         max_length=args.max_length,
-        gradient_checkpointing=args.gradient_checkpointing,
+        activation_checkpointing=args.gradient_checkpointing,
         bf16=args.precision == "bf16",
         fp16=args.precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
@@ -273,6 +273,15 @@ def recipe_config(args, **overrides):
     )
     settings.update(overrides)
     return SFTConfig(**settings)
+
+
+def batch_summary(config) -> str:
+    """How a Trainer config's global batch is made: processes x per-device batch x accumulation steps."""
+    total = config.world_size * config.per_device_train_batch_size * config.gradient_accumulation_steps
+    return (
+        f"global batch {total} = {config.world_size} process(es) x {config.per_device_train_batch_size} per device "
+        f"x {config.gradient_accumulation_steps} accumulation step(s)"
+    )
 
 
 def recipe_model_and_data(args, **from_pretrained_kwargs):
@@ -290,6 +299,7 @@ __all__ = [
     "PHASE_2",
     "PHASES",
     "PartsOptimizer",
+    "batch_summary",
     "gradient_accumulation_steps",
     "load_model_and_processor",
     "load_training_data",

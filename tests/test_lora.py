@@ -1,0 +1,162 @@
+"""LoRA with PEFT: adapters on the decoder's projections only, projector and Vision Remember fully trained, and a
+merged checkpoint that a fresh process (without `vr_hf`) reloads with identical logits."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from vr_hf.lora import DECODER_PROJECTIONS, lora_config, qlora_quantization_config, save_merged
+from vr_hf.processor import build_processor
+from vr_hf.tiny import byte_tokenizer
+
+from conftest import active_model, conversation, random_image
+
+
+datasets = pytest.importorskip("datasets")
+trl = pytest.importorskip("trl")
+peft = pytest.importorskip("peft")
+
+PROJECTIONS = [f"self_attn.{name}_proj" for name in "qkvo"] + [f"mlp.{name}_proj" for name in ("gate", "up", "down")]
+
+# Runs in a fresh interpreter in which `import vr_hf` fails: the model class comes from the folder's remote code.
+RELOAD_SCRIPT = r"""
+import json
+import sys
+
+sys.modules["vr_hf"] = None
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForImageTextToText
+
+folder, inputs_path, output = sys.argv[1:]
+model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+with torch.no_grad():
+    logits = model(**load_file(inputs_path)).logits
+save_file({"logits": logits.contiguous()}, output)
+print(json.dumps({"module": type(model).__module__}))
+"""
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """One LoRA SFTTrainer step on a tiny model whose Vision Remember blocks matter, then the batch it trained on."""
+    model = active_model()
+    processor = build_processor(model.config, byte_tokenizer())
+    rows = [
+        {"images": [random_image(40, 90, seed=1)], "messages": conversation("What is it?", "Noise, mostly.")},
+        {"images": [random_image(80, 30, seed=2)], "messages": conversation("Colour?", "Grey.")},
+    ]
+    dataset = datasets.Dataset.from_list(rows)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path_factory.mktemp("lora")),
+        assistant_only_loss=True,
+        max_steps=1,
+        per_device_train_batch_size=2,
+        max_length=None,
+        learning_rate=1e-2,
+        bf16=False,  # on a CPU, TRL's default is bf16 autocast: fp32 keeps the comparisons exact
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = trl.SFTTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=processor, peft_config=lora_config(rank=4)
+    )
+    trainer.train()
+    batch = trainer.data_collator([dict(row) for row in dataset])
+    batch.pop("labels")
+    return {"trainer": trainer, "processor": processor, "batch": batch, "before": before}
+
+
+def test_adapters_hit_decoder_projections_only(lora_run):
+    model = lora_run["trainer"].model
+    adapted = {
+        name.removeprefix("base_model.model.") for name, module in model.named_modules() if hasattr(module, "lora_A")
+    }
+    num_layers = model.config.text_config.num_hidden_layers
+    expected = {
+        f"model.language_model.layers.{i}.{projection}" for i in range(num_layers) for projection in PROJECTIONS
+    }
+    assert adapted == expected
+    assert all(re.fullmatch(DECODER_PROJECTIONS, name) for name in adapted)
+    # The vision tower and the Vision Remember blocks have q/k/v projections too: none may match
+    others = [name for name, _ in model.base_model.model.named_modules() if "language_model" not in name]
+    assert [name for name in others if name.endswith("_proj")], "the check below needs such projections"
+    assert not [name for name in others if re.fullmatch(DECODER_PROJECTIONS, name)]
+
+
+def test_projector_and_vision_remember_train_in_full(lora_run):
+    model = lora_run["trainer"].model
+    saved = {
+        name.removeprefix("base_model.model.")
+        for name, module in model.named_modules()
+        if isinstance(module, peft.utils.ModulesToSaveWrapper)
+    }
+    assert saved == {"model.multi_modal_projector", "model.vision_remember"}
+
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert all(".lora_" in name or ".modules_to_save.default." in name for name in trainable)
+    for part in ("multi_modal_projector", "vision_remember"):
+        copies = [name for name in trainable if f"{part}.modules_to_save" in name]
+        parameters = [p for name, p in lora_run["before"].items() if name.startswith(f"model.{part}.")]
+        assert len(copies) == len(parameters), f"not every parameter of {part} trains"
+
+
+def test_qlora_needs_cuda_and_bitsandbytes():
+    if torch.cuda.is_available():
+        pytest.skip("this machine can run QLoRA")
+    with pytest.raises(RuntimeError, match="QLoRA needs (bitsandbytes|a CUDA GPU)"):
+        qlora_quantization_config()
+
+
+@pytest.fixture(scope="module")
+def merged(lora_run, tmp_path_factory):
+    """The adapted model's logits, then the merged model, saved, and its logits."""
+    model, batch = lora_run["trainer"].model.eval(), lora_run["batch"]
+    with torch.no_grad():
+        adapted_logits = model.base_model(**batch).logits
+        lora_b = [p.detach().abs().max() for name, p in model.named_parameters() if "lora_B" in name]
+    folder = tmp_path_factory.mktemp("merged")
+    merged_model = save_merged(model, lora_run["processor"], folder).eval()
+    with torch.no_grad():
+        logits = merged_model(**batch).logits
+    return {"folder": folder, "model": merged_model, "logits": logits, "adapted": adapted_logits, "lora_b": lora_b}
+
+
+def test_merge_keeps_the_adapted_outputs(merged):
+    assert max(merged["lora_b"]) > 0, "the adapters did not train: merging them would prove nothing"
+    assert type(merged["model"]).__name__ == "VisionRememberForConditionalGeneration"
+    assert not any("lora_" in name or "modules_to_save" in name for name in merged["model"].state_dict())
+    torch.testing.assert_close(merged["logits"], merged["adapted"], rtol=1e-5, atol=1e-5)
+
+
+def test_merged_checkpoint_reloads_identically_in_fresh_process(lora_run, merged, tmp_path):
+    folder = merged["folder"]
+    assert json.loads((folder / "config.json").read_text())["auto_map"]
+    assert (folder / "processor_config.json").is_file()
+    inputs_path, output, script = tmp_path / "inputs.safetensors", tmp_path / "logits.safetensors", tmp_path / "r.py"
+    save_file({name: tensor.contiguous() for name, tensor in lora_run["batch"].items()}, inputs_path)
+    script.write_text(RELOAD_SCRIPT)
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf_home"),
+        HF_MODULES_CACHE=str(tmp_path / "modules"),
+        TRANSFORMERS_VERBOSITY="error",
+        OMP_NUM_THREADS=str(torch.get_num_threads()),  # the same reduction order as this process: bitwise-equal logits
+    )
+    command = [sys.executable, "-I", str(script), str(folder), str(inputs_path), str(output)]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"reloading the merged checkpoint failed:\n{result.stderr[-4000:]}"
+    assert json.loads(result.stdout.strip().splitlines()[-1])["module"].startswith("transformers_modules.")
+    assert torch.equal(load_file(output)["logits"], merged["logits"])
