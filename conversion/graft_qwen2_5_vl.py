@@ -1,0 +1,32 @@
+#!/usr/bin/env python
+"""Graft Vision Remember onto a Qwen2.5-VL checkpoint (a thin command over `vr_hf.conversion.graft_qwen2_5_vl`)."""
+
+import sys
+
+from vr_hf.conversion import graft_qwen2_5_vl
+from vr_hf.conversion.cli import graft_parser, graft_settings, run
+
+
+EPILOG = """example:
+  python conversion/graft_qwen2_5_vl.py --source Qwen/Qwen2.5-VL-3B-Instruct --output-dir qwen2.5-vl-3b-vr \\
+      --remember-after-layers 0 3 --vision-feature-layers 8 16 24 32
+
+  The output loads with AutoModelForImageTextToText.from_pretrained(OUTPUT_DIR, trust_remote_code=True) and
+  AutoProcessor.from_pretrained(OUTPUT_DIR); its logits equal the source's until it is trained.
+"""
+
+
+def main(argv=None) -> int:
+    args = graft_parser(__doc__, EPILOG).parse_args(argv)
+    return run(
+        graft_qwen2_5_vl,
+        args.source,
+        args.output_dir,
+        overwrite=args.overwrite,
+        seed=args.seed,
+        **graft_settings(args),
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

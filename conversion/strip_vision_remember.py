@@ -1,0 +1,31 @@
+#!/usr/bin/env python
+"""Strip Vision Remember from a grafted Qwen2.5-VL or MiniCPM-V 4.6 checkpoint: the native architecture, config and
+weight keys again (a thin command over `vr_hf.conversion.strip_vision_remember`)."""
+
+import argparse
+import sys
+
+from vr_hf.conversion import strip_vision_remember
+from vr_hf.conversion.cli import run
+
+
+EPILOG = """example:
+  python conversion/strip_vision_remember.py --source qwen2.5-vl-3b-vr --output-dir qwen2.5-vl-3b
+
+  The output loads without remote code: AutoModelForImageTextToText.from_pretrained(OUTPUT_DIR).
+"""
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--source", required=True, help="folder or Hub id of a grafted checkpoint")
+    parser.add_argument("--output-dir", required=True, help="folder to write (must not exist or be empty)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    args = parser.parse_args(argv)
+    return run(strip_vision_remember, args.source, args.output_dir, overwrite=args.overwrite)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Arguments and error handling shared by the graft and strip commands in `conversion/`."""
+
+import argparse
+import sys
+
+from ..modeling.configuration_vision_remember import INTERACTION_TYPES
+
+
+def graft_parser(description: str, epilog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--source", required=True, help="Hub id or folder of the native checkpoint")
+    parser.add_argument("--output-dir", required=True, help="folder to write (must not exist or be empty)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    parser.add_argument(
+        "--remember-after-layers", type=int, nargs="+", metavar="LAYER", help="0-based decoder layers (default 0 3)"
+    )
+    parser.add_argument(
+        "--vision-feature-layers",
+        type=int,
+        nargs="+",
+        metavar="LAYER",
+        help="vision hidden states (0 = patch embeddings) of the multi-level features (default: ends of thirds)",
+    )
+    parser.add_argument("--interaction", choices=INTERACTION_TYPES, help="default: local")
+    parser.add_argument("--cross-attention-heads", type=int, help="default 8; must divide the feature width")
+    for switch in ("multi-level", "bidirectional", "text-guidance", "identity-init"):
+        parser.add_argument(f"--no-{switch}", action="store_true", help=f"turn {switch.replace('-', ' ')} off")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the new blocks' initialisation")
+    return parser
+
+
+def graft_settings(args: argparse.Namespace) -> dict:
+    """The `VisionRememberGraftConfig` fields the command line sets."""
+    settings = {
+        name: getattr(args, name)
+        for name in ("remember_after_layers", "vision_feature_layers", "interaction", "cross_attention_heads")
+        if getattr(args, name) is not None
+    }
+    for switch in ("multi_level", "bidirectional", "text_guidance", "identity_init"):
+        if getattr(args, f"no_{switch}"):
+            settings[switch] = False
+    return settings
+
+
+def run(conversion, *args, **kwargs) -> int:
+    """Run a conversion; report its error on stderr with exit code 1."""
+    try:
+        output = conversion(*args, **kwargs)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"Wrote {output}")
+    return 0

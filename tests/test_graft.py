@@ -1,0 +1,356 @@
+"""Grafting Vision Remember onto native Qwen2.5-VL and MiniCPM-V 4.6 checkpoints, and stripping it off again.
+
+The stock processors of both need torchvision for their video part, which this CPU environment lacks: the inputs are
+built as the processors build them, from their own image processors (`...ImageProcessorPil`) and the placeholder
+expansion they apply (one image token per vision token, between the image start and end tokens).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers.models.minicpmv4_6 import MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
+from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from vr_hf import VisionRememberMiniCPMV4_6ForConditionalGeneration, VisionRememberQwen2_5_VLForConditionalGeneration
+from vr_hf.conversion import ConversionError, graft_minicpmv4_6, graft_qwen2_5_vl, strip_vision_remember
+from vr_hf.conversion.graft import CarriedFiles
+from vr_hf.modeling.vision_remember import OutputProjection
+from vr_hf.tiny import byte_tokenizer
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGE, VIDEO, START, END = 290, 291, 292, 293
+TEXT = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4)
+SETTINGS = dict(remember_after_layers=[0, 2], cross_attention_heads=4)
+GRAFT = {"qwen2_5_vl": graft_qwen2_5_vl, "minicpmv4_6": graft_minicpmv4_6}
+GRAFTED_CLASS = {
+    "qwen2_5_vl": VisionRememberQwen2_5_VLForConditionalGeneration,
+    "minicpmv4_6": VisionRememberMiniCPMV4_6ForConditionalGeneration,
+}
+PROMPT = [1, 2, 3]
+ANSWER = [5, 6, 7]
+
+# Runs in a fresh interpreter with `vr_hf` blocked: every class must come from the folder's remote code.
+REMOTE_SCRIPT = r"""
+import json
+import sys
+
+sys.modules["vr_hf"] = None
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForImageTextToText
+
+jobs = json.loads(sys.argv[1])
+report = {}
+for name, (folder, inputs_path, output_path) in jobs.items():
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+    with torch.no_grad():
+        logits = model(**load_file(inputs_path)).logits
+    save_file({"logits": logits.contiguous()}, output_path)
+    report[name] = {"config": type(config).__module__, "model": type(model).__module__, "class": type(model).__name__}
+print(json.dumps(report))
+"""
+
+
+def tiny_sources(root) -> dict:
+    """Tiny random native checkpoints, saved as `save_pretrained` writes them, with a tokenizer."""
+    torch.manual_seed(0)
+    qwen = Qwen2_5_VLConfig(
+        text_config=dict(
+            TEXT, num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3]}
+        ),
+        vision_config=dict(
+            depth=3,
+            hidden_size=32,
+            intermediate_size=48,
+            num_heads=4,
+            out_hidden_size=64,
+            window_size=56,
+            fullatt_block_indexes=[2],
+        ),
+        image_token_id=IMAGE,
+        video_token_id=VIDEO,
+        vision_start_token_id=START,
+        vision_end_token_id=END,
+    )
+    minicpm = MiniCPMV4_6Config(
+        text_config=dict(
+            TEXT,
+            model_type="qwen3_5_text",
+            num_key_value_heads=2,
+            head_dim=16,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+        ),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, patch_size=4
+        ),
+        insert_layer_id=1,
+        image_size=64,
+        image_token_id=IMAGE,
+        video_token_id=VIDEO,
+    )
+    folders = {}
+    for name, model in (
+        ("qwen2_5_vl", Qwen2_5_VLForConditionalGeneration(qwen)),
+        ("minicpmv4_6", MiniCPMV4_6ForConditionalGeneration(minicpm)),
+    ):
+        folders[name] = root / name
+        model.save_pretrained(folders[name])
+        byte_tokenizer().save_pretrained(folders[name])
+    return folders
+
+
+def coded_image(rows: int, cols: int, patch: int) -> Image.Image:
+    """Every `patch x patch` block holds its own (row, column) in the red and green channels."""
+    grid = np.stack(np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij"), axis=-1)
+    pixels = np.concatenate([grid, np.zeros((rows, cols, 1), dtype=grid.dtype)], axis=-1).astype(np.uint8)
+    return Image.fromarray(pixels.repeat(patch, axis=0).repeat(patch, axis=1))
+
+
+def random_image(height: int, width: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def image_inputs(backbone: str, image: Image.Image, raw: bool = False, mode: str = "16x") -> dict:
+    """Pixel values as the backbone's image processor lays them out, and `input_ids` with the placeholders expanded."""
+    if backbone == "qwen2_5_vl":
+        pixels = dict(
+            Qwen2VLImageProcessorPil(do_resize=False, do_rescale=not raw, do_normalize=not raw)(
+                image, return_tensors="pt"
+            )
+        )
+        tokens = int(pixels["image_grid_thw"].prod()) // 4
+    else:
+        processor = MiniCPMV4_6ImageProcessorPil(patch_size=4)
+        array = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)
+        array = array if raw else (array / 255 - 0.5) / 0.5
+        patches = processor.reshape_by_patch(array, 4)
+        sizes = torch.tensor([[array.shape[1] // 4, array.shape[2] // 4]])
+        pixels = {"pixel_values": torch.from_numpy(patches)[None], "target_sizes": sizes, "downsample_mode": mode}
+        tokens = int(sizes.prod()) // (16 if mode == "16x" else 4)
+    input_ids = torch.tensor([PROMPT + [START] + [IMAGE] * tokens + [END] + ANSWER])
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **pixels}
+    if backbone == "qwen2_5_vl":
+        inputs["mm_token_type_ids"] = (input_ids == IMAGE).int()
+    return inputs
+
+
+def tensors(inputs: dict) -> dict:
+    return {name: value for name, value in inputs.items() if isinstance(value, torch.Tensor)}
+
+
+def perturb(model):
+    """Random output projections: Vision Remember then changes the logits, as a trained one does."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, OutputProjection):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.5)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("graft")
+    sources = tiny_sources(root)
+    grafted = {name: Path(GRAFT[name](sources[name], root / f"{name}-vr", **SETTINGS)) for name in sources}
+    stripped = {name: Path(strip_vision_remember(grafted[name], root / f"{name}-stripped")) for name in sources}
+    inputs = {"qwen2_5_vl": image_inputs("qwen2_5_vl", random_image(56, 84))}
+    inputs["minicpmv4_6"] = image_inputs("minicpmv4_6", random_image(32, 48))
+    return {"root": root, "sources": sources, "grafted": grafted, "stripped": stripped, "inputs": inputs}
+
+
+def native_model(checkpoints, name):
+    return AutoModelForImageTextToText.from_pretrained(checkpoints["sources"][name]).eval()
+
+
+@pytest.fixture(scope="module")
+def remote(checkpoints):
+    """Logits of each grafted folder, loaded in a fresh process without `vr_hf`."""
+    root, jobs = checkpoints["root"], {}
+    for name, folder in checkpoints["grafted"].items():
+        save_file(tensors(checkpoints["inputs"][name]), root / f"{name}-inputs.safetensors")
+        jobs[name] = [str(folder), str(root / f"{name}-inputs.safetensors"), str(root / f"{name}-logits.safetensors")]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(root / "modules"), TRANSFORMERS_VERBOSITY="error")
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+    command = [sys.executable, "-I", "-c", REMOTE_SCRIPT, json.dumps(jobs)]
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    return {name: dict(report[name], logits=load_file(paths[2])["logits"]) for name, paths in jobs.items()}
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "minicpmv4_6"])
+def test_graft_keeps_weights_and_adds_its_own(checkpoints, name):
+    native = native_model(checkpoints, name).state_dict()
+    grafted = GRAFTED_CLASS[name].from_pretrained(checkpoints["grafted"][name])
+    state = grafted.state_dict()
+    new = {key for key in state if key.startswith("model.vision_remember.")}
+    assert new and set(state) - new == set(native)
+    for key, tensor in native.items():
+        assert torch.equal(state[key], tensor), key
+    config = json.loads((checkpoints["grafted"][name] / "config.json").read_text())
+    assert config["model_type"] == f"vision_remember_{name}" and config["remember_after_layers"] == [0, 2]
+    assert config["auto_map"]["AutoModelForImageTextToText"].endswith("ForConditionalGeneration")
+    card = (checkpoints["grafted"][name] / "README.md").read_text()
+    assert "trust_remote_code=True" in card and "[0, 2]" in card
+    assert (checkpoints["grafted"][name] / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "minicpmv4_6"])
+def test_remote_code_reproduces_original_logits(checkpoints, remote, name):
+    assert remote[name]["config"].startswith("transformers_modules.")
+    assert remote[name]["model"].startswith("transformers_modules.")
+    assert remote[name]["class"] == GRAFTED_CLASS[name].__name__
+    with torch.no_grad():
+        expected = native_model(checkpoints, name)(**checkpoints["inputs"][name]).logits
+    assert torch.equal(remote[name]["logits"], expected)
+
+
+@pytest.mark.parametrize(
+    ("name", "mode", "side"), [("qwen2_5_vl", None, 2), ("minicpmv4_6", "16x", 4), ("minicpmv4_6", "4x", 2)]
+)
+def test_each_token_window_is_its_own_patch_block(checkpoints, name, mode, side):
+    """Patch embeddings that are the patch's own (row, column): each token's window holds its block, row-major."""
+    config = GRAFTED_CLASS[name].config_class.from_pretrained(checkpoints["grafted"][name], vision_feature_layers=[0])
+    model = GRAFTED_CLASS[name](config).eval()
+    rows, cols = 8, 12
+    with torch.no_grad():
+        if name == "qwen2_5_vl":
+            embed = model.model.visual.patch_embed.proj.weight  # (D, C, T, P, P)
+            embed.zero_()
+            embed[0, 0, 0, 0, 0] = embed[1, 1, 0, 0, 0] = 1
+            inputs = image_inputs(name, coded_image(rows, cols, 14), raw=True)
+            image = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        else:
+            embeddings = model.model.vision_tower.embeddings
+            for parameter in (embeddings.patch_embedding.weight, embeddings.patch_embedding.bias):
+                parameter.zero_()
+            embeddings.position_embedding.weight.zero_()
+            embeddings.patch_embedding.weight[0, 0, 0, 0] = embeddings.patch_embedding.weight[1, 1, 0, 0] = 1
+            inputs = image_inputs(name, coded_image(rows, cols, 4), raw=True, mode=mode)
+            image = model.model.get_image_features(
+                inputs["pixel_values"], inputs["target_sizes"], downsample_mode=mode
+            )
+    coordinates = image.remember_features[:, :2][image.window_index].round().long()  # (tokens, side**2, 2)
+
+    token_rows, token_cols = torch.meshgrid(torch.arange(rows // side), torch.arange(cols // side), indexing="ij")
+    offset_rows, offset_cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    expected_rows = token_rows.reshape(-1, 1) * side + offset_rows.reshape(1, -1)
+    expected_cols = token_cols.reshape(-1, 1) * side + offset_cols.reshape(1, -1)
+    assert len(image.pooler_output[0]) == (rows // side) * (cols // side) == len(coordinates)
+    assert torch.equal(coordinates, torch.stack([expected_rows, expected_cols], dim=-1))
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "minicpmv4_6"])
+def test_training_step_changes_output(checkpoints, name):
+    model = GRAFTED_CLASS[name].from_pretrained(checkpoints["grafted"][name])
+    inputs = checkpoints["inputs"][name]
+    labels = torch.where(inputs["input_ids"] == IMAGE, -100, inputs["input_ids"])
+    with torch.no_grad():
+        before = model.eval()(**inputs).logits
+    optimizer = torch.optim.Adam(model.model.vision_remember.parameters(), lr=1e-2)
+    model.train()(**inputs, labels=labels).loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = model.eval()(**inputs).logits
+    assert not torch.allclose(before, after)
+    prompt = len(PROMPT)  # text before the image sees no vision token
+    assert torch.equal(before[:, :prompt], after[:, :prompt])
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "minicpmv4_6"])
+def test_strip_gives_back_the_original(checkpoints, name):
+    folder = checkpoints["stripped"][name]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == name and "auto_map" not in config and "remember_after_layers" not in config
+    assert not list(folder.glob("*.py"))
+    stripped = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    native = native_model(checkpoints, name)
+    assert type(stripped) is type(native)
+    assert stripped.state_dict().keys() == native.state_dict().keys()
+    inputs = checkpoints["inputs"][name]
+    with torch.no_grad():
+        assert torch.equal(stripped(**inputs).logits, native(**inputs).logits)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "minicpmv4_6"])
+def test_generation_after_grafting(checkpoints, name):
+    inputs = dict(checkpoints["inputs"][name])
+    prompt_length = inputs["input_ids"].shape[1] - len(ANSWER)
+    inputs["input_ids"] = inputs["input_ids"][:, :prompt_length]
+    inputs["attention_mask"] = inputs["attention_mask"][:, :prompt_length]
+    if "mm_token_type_ids" in inputs:
+        inputs["mm_token_type_ids"] = inputs["mm_token_type_ids"][:, :prompt_length]
+    native = native_model(checkpoints, name)
+    model = GRAFTED_CLASS[name].from_pretrained(checkpoints["grafted"][name]).eval()
+    expected = native.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), expected)
+
+    perturb(model)  # Vision Remember active: generate's prefill must run it, as a plain forward does
+    with torch.no_grad():
+        first = model(**inputs).logits[:, -1].argmax(-1)
+    generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert generated.shape == expected.shape and torch.equal(generated[:, prompt_length], first)
+
+
+def test_bad_input_raises_and_writes_nothing(checkpoints, tmp_path, monkeypatch):
+    sources, grafted, out = checkpoints["sources"], checkpoints["grafted"], tmp_path / "out"
+    with pytest.raises(ConversionError, match="not 'qwen2_5_vl'"):
+        graft_qwen2_5_vl(sources["minicpmv4_6"], out, **SETTINGS)
+    with pytest.raises(ConversionError, match="remember_after_layers has index 3"):
+        graft_qwen2_5_vl(sources["qwen2_5_vl"], out, remember_after_layers=[0, 3], cross_attention_heads=4)
+    with pytest.raises(ConversionError, match="vision_feature_layers has index 3"):
+        graft_minicpmv4_6(sources["minicpmv4_6"], out, vision_feature_layers=[3], **SETTINGS)
+    with pytest.raises(ConversionError, match="already has Vision Remember"):
+        graft_minicpmv4_6(grafted["minicpmv4_6"], out, **SETTINGS)
+    with pytest.raises(ConversionError, match="Unknown Vision Remember settings"):
+        graft_qwen2_5_vl(sources["qwen2_5_vl"], out, remember_after_layer=[0])
+    with pytest.raises(ConversionError, match="no Vision Remember to strip"):
+        strip_vision_remember(sources["qwen2_5_vl"], out)
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        graft_qwen2_5_vl(tmp_path / "missing", out)
+
+    def fail(self, output_dir):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(CarriedFiles, "save_pretrained", fail)
+    with pytest.raises(OSError, match="disk full"):
+        graft_qwen2_5_vl(sources["qwen2_5_vl"], out, **SETTINGS)
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli(checkpoints, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    for script in ("graft_qwen2_5_vl.py", "graft_minicpmv.py", "strip_vision_remember.py"):
+        run = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "conversion", script), "--help"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert run.returncode == 0 and "example:" in run.stdout and "--output-dir" in run.stdout, run.stderr
+    command = [sys.executable, os.path.join(ROOT, "conversion", "graft_qwen2_5_vl.py")]
+    command += ["--source", str(checkpoints["sources"]["qwen2_5_vl"]), "--output-dir", str(tmp_path / "vr")]
+    command += ["--remember-after-layers", "1", "--cross-attention-heads", "4", "--no-bidirectional"]
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    config = json.loads((tmp_path / "vr" / "config.json").read_text())
+    assert config["remember_after_layers"] == [1] and config["bidirectional"] is False
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert again.returncode == 1 and "not empty" in again.stderr
