@@ -7,6 +7,7 @@ expansion they apply (one image token per vision token, between the image start 
 
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -334,23 +335,22 @@ def test_bad_input_raises_and_writes_nothing(checkpoints, tmp_path, monkeypatch)
     assert os.listdir(tmp_path) == []
 
 
-def test_cli(checkpoints, tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+def test_cli(checkpoints, tmp_path, capsys):
     for script in ("graft_qwen2_5_vl.py", "graft_minicpmv.py", "strip_vision_remember.py"):
-        run = subprocess.run(
-            [sys.executable, os.path.join(ROOT, "conversion", script), "--help"],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=60,
-        )
-        assert run.returncode == 0 and "example:" in run.stdout and "--output-dir" in run.stdout, run.stderr
-    command = [sys.executable, os.path.join(ROOT, "conversion", "graft_qwen2_5_vl.py")]
-    command += ["--source", str(checkpoints["sources"]["qwen2_5_vl"]), "--output-dir", str(tmp_path / "vr")]
-    command += ["--remember-after-layers", "1", "--cross-attention-heads", "4", "--no-bidirectional"]
-    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+        main = runpy.run_path(os.path.join(ROOT, "conversion", script))["main"]
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--help"])
+        help_text = capsys.readouterr().out
+        assert exit_info.value.code == 0 and "example:" in help_text and "--output-dir" in help_text
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    arguments = ["--source", str(checkpoints["sources"]["qwen2_5_vl"]), "--output-dir", str(tmp_path / "vr")]
+    arguments += ["--remember-after-layers", "1", "--cross-attention-heads", "4", "--no-bidirectional"]
+    script = os.path.join(ROOT, "conversion", "graft_qwen2_5_vl.py")
+    run = subprocess.run([sys.executable, script, *arguments], capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     config = json.loads((tmp_path / "vr" / "config.json").read_text())
     assert config["remember_after_layers"] == [1] and config["bidirectional"] is False
-    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
-    assert again.returncode == 1 and "not empty" in again.stderr
+
+    main = runpy.run_path(script)["main"]
+    assert main(arguments) == 1 and "not empty" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 
 import torch
 from huggingface_hub import snapshot_download
@@ -40,13 +41,15 @@ MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".py", ".safetenso
 MODEL_FILES = ("config.json", "generation_config.json", "README.md")
 
 
+@dataclass(frozen=True)
 class Backbone:
     """A native VLM class and its Vision Remember counterpart."""
 
-    def __init__(self, name: str, config_class, model_class, graft_config_class, graft_model_class):
-        self.name = name
-        self.config_class, self.model_class = config_class, model_class
-        self.graft_config_class, self.graft_model_class = graft_config_class, graft_model_class
+    name: str
+    config_class: type
+    model_class: type
+    graft_config_class: type
+    graft_model_class: type
 
 
 BACKBONES = {
