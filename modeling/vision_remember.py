@@ -9,6 +9,15 @@ The blocks here know nothing about any particular VLM. A backbone adapter hands 
 
 `VisionRemember.prepare` turns these into a `RememberContext`, passed to the decoder as the keyword argument
 `vision_remember`; decoder layers forward it to their forward hooks, which run the block after each chosen layer.
+
+Attention follows the model's `attn_implementation`:
+- `eager`: the reference, Transformers' eager attention on padded layouts;
+- `sdpa` (and any other non-flash implementation): the same layouts, with the windowed cross-attention (one query
+  per token, `s*s` keys) as one call of `torch.nn.functional.scaled_dot_product_attention`, its fastest form measured
+  by `benchmarks/benchmark.py`;
+- `flash_attention_*`: FlashAttention's varlen kernels on packed tokens, without padding (window holes, samples with
+  fewer vision tokens). Where FlashAttention cannot run the inputs (not on CUDA, not half precision, head_dim above
+  256) the blocks fall back to SDPA and say why once.
 """
 
 from dataclasses import dataclass
@@ -20,24 +29,104 @@ from torch.nn import functional as F
 from transformers.activations import ACT2FN
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
+from transformers.utils import logging
 
 from .configuration_vision_remember import VisionRememberConfig
 
 
-def attend(module: nn.Module, query, key, value, key_mask=None):
+logger = logging.get_logger(__name__)
+
+FLASH_MAX_HEAD_DIM = 256
+
+
+def flash_problems(module: nn.Module, tensor: torch.Tensor) -> list[str]:
+    """Why FlashAttention cannot run `module`'s attention on inputs like `tensor`; empty when it can."""
+    problems = []
+    if tensor.device.type != "cuda":
+        problems.append(f"it runs on CUDA devices only, not {tensor.device.type}")
+    if tensor.dtype not in (torch.float16, torch.bfloat16):
+        problems.append(f"it needs float16 or bfloat16, not {tensor.dtype}")
+    if module.head_dim > FLASH_MAX_HEAD_DIM:
+        problems.append(f"head_dim {module.head_dim} is above its limit of {FLASH_MAX_HEAD_DIM} (use more heads)")
+    return problems
+
+
+def backend(module: nn.Module, tensor: torch.Tensor) -> str:
+    """The attention implementation for `module` on inputs like `tensor`: the model's, or SDPA where FlashAttention
+    was asked for and cannot run them."""
+    implementation = module.config._attn_implementation or "eager"
+    if "flash" not in implementation:
+        return implementation
+    problems = flash_problems(module, tensor)
+    if problems:
+        logger.warning_once(
+            f"{implementation} cannot run Vision Remember's attention ({'; '.join(problems)}): it falls back to sdpa."
+        )
+        return "sdpa"
+    return implementation
+
+
+def attend(module: nn.Module, query, key, value, key_mask=None, **kwargs):
     """Non-causal attention through Transformers' attention interface.
 
-    `query`, `key`, `value`: `(batch, heads, length, head_dim)`; `key_mask`: `(batch, key_length)`, True to attend.
+    `query`, `key`, `value`: `(batch, heads, length, head_dim)`; `key_mask`: `(batch, key_length)`, True to attend;
+    `kwargs` reach the attention function (FlashAttention's `cu_seq_lens_q`, ... for packed sequences).
     Returns `(batch, query_length, heads, head_dim)`.
     """
-    implementation = module.config._attn_implementation
+    implementation = backend(module, query)
     attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
     mask = key_mask
     if key_mask is not None and "flash" not in implementation:
         mask = torch.zeros(key_mask.shape, dtype=query.dtype, device=query.device)
         mask = mask.masked_fill(~key_mask, torch.finfo(query.dtype).min)[:, None, None, :]
-    output, _ = attention(module, query, key, value, mask, scaling=module.scaling, dropout=0.0, is_causal=False)
+    output, _ = attention(
+        module, query, key, value, mask, scaling=module.scaling, dropout=0.0, is_causal=False, **kwargs
+    )
     return output
+
+
+def sequence_starts(lengths: torch.Tensor) -> torch.Tensor:
+    """FlashAttention's `cu_seqlens`: `(len(lengths) + 1,)` int32 offsets of packed sequences."""
+    return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+
+
+def attend_packed(module: nn.Module, query, key, value, query_lengths, key_lengths, max_query, max_key):
+    """FlashAttention varlen over packed sequences: `query` `(total_q, heads, head_dim)`, `key` and `value`
+    `(total_k, heads, head_dim)`. Returns `(total_q, heads, head_dim)`."""
+    query, key, value = (tensor[None].transpose(1, 2) for tensor in (query, key, value))
+    output = attend(
+        module,
+        query,
+        key,
+        value,
+        cu_seq_lens_q=sequence_starts(query_lengths),
+        cu_seq_lens_k=sequence_starts(key_lengths),
+        max_length_q=max_query,
+        max_length_k=max_key,
+    )
+    return output[0]
+
+
+def attend_windows(module: nn.Module, query, window, window_mask=None) -> torch.Tensor:
+    """Each token's one query against its window, whose features are keys and values.
+
+    `query`: `(tokens, heads, head_dim)`; `window`: `(tokens, window, heads, head_dim)`; `window_mask`:
+    `(tokens, window)`, True where there is a feature. Returns `(tokens, heads, head_dim)`.
+    """
+    implementation = backend(module, query)
+    num_tokens, width = window.shape[:2]
+    if "flash" in implementation:
+        if window_mask is None:
+            keys, key_lengths = window.flatten(0, 1), window.new_full((num_tokens,), width, dtype=torch.int32)
+        else:
+            keys, key_lengths = window[window_mask], window_mask.sum(1, dtype=torch.int32)
+        return attend_packed(module, query, keys, keys, torch.ones_like(key_lengths), key_lengths, 1, width)
+    keys = window.transpose(1, 2)
+    if implementation == "eager":
+        return attend(module, query[:, :, None], keys, keys, window_mask)[:, 0]
+    mask = None if window_mask is None else window_mask[:, None, None, :]
+    output = F.scaled_dot_product_attention(query[:, :, None], keys, keys, attn_mask=mask, scale=module.scaling)
+    return output[:, :, 0]
 
 
 class OutputProjection(nn.Linear):
@@ -62,6 +151,7 @@ class AttentionSettings(nn.Module):
     def __init__(self, config: VisionRememberConfig, head_dim: int):
         super().__init__()
         self.config = config
+        self.head_dim = head_dim
         self.scaling = head_dim**-0.5
 
 
@@ -133,9 +223,9 @@ class TokenFeatureCrossAttention(nn.Module):
         if self.interaction == "deformable":
             keys = self.sample_points(queries_in, keys)
         num_tokens = queries.shape[0]
-        queries = queries.view(num_tokens, 1, self.num_heads, self.head_dim).transpose(1, 2)
-        keys = keys.view(num_tokens, -1, self.num_heads, self.head_dim).transpose(1, 2)
-        output = attend(self.attention, queries, keys, keys, context.window_mask)
+        queries = queries.view(num_tokens, self.num_heads, self.head_dim)
+        keys = keys.view(num_tokens, -1, self.num_heads, self.head_dim)
+        output = attend_windows(self.attention, queries, keys, context.window_mask)
         update = self.out_proj(output.reshape(num_tokens, -1))
         return hidden_states.index_put((batch, position), update.to(hidden_states.dtype), accumulate=True)
 
@@ -163,21 +253,41 @@ class TokenBidirectionalSelfAttention(nn.Module):
         pooled = states.masked_fill(~mask, torch.finfo(states.dtype).min).amax(dim=1)
         return pooled.masked_fill(~mask.any(dim=1), 0.0)
 
-    def forward(self, hidden_states: torch.Tensor, context: RememberContext) -> torch.Tensor:
+    def layout(self, hidden_states: torch.Tensor, context: RememberContext) -> torch.Tensor:
+        """The normalised vision tokens and text-guided token of each sample, padded: `(B', T, D)`."""
         rows, length = context.slot_mask.shape
         tokens = hidden_states[context.token_batch, context.token_position]
         layout = hidden_states.new_zeros(rows, length, hidden_states.shape[-1])
         layout = layout.index_put((context.slot_row, context.slot_column), tokens)
         if self.text_guidance:
             layout = torch.cat([layout[:, :-1], self.text_guided_token(hidden_states, context)[:, None]], dim=1)
-        layout = self.norm(layout)
+        return self.norm(layout)
 
-        shape = (rows, length, self.num_heads, self.head_dim)
-        queries = self.q_proj(layout).view(shape).transpose(1, 2)
-        keys = self.k_proj(layout).view(shape).transpose(1, 2)
-        values = self.v_proj(layout).view(shape).transpose(1, 2)
+    def project(self, states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Queries, keys and values `(*states.shape[:-1], heads, head_dim)`."""
+        shape = (*states.shape[:-1], self.num_heads, self.head_dim)
+        return tuple(projection(states).view(shape) for projection in (self.q_proj, self.k_proj, self.v_proj))
+
+    def attend_padded(self, layout: torch.Tensor, context: RememberContext) -> torch.Tensor:
+        queries, keys, values = (states.transpose(1, 2) for states in self.project(layout))
         output = attend(self.attention, queries, keys, values, context.slot_mask)
-        update = self.out_proj(output.reshape(rows, length, -1))[context.slot_row, context.slot_column]
+        return output.flatten(2)[context.slot_row, context.slot_column]
+
+    def attend_packed(self, layout: torch.Tensor, context: RememberContext) -> torch.Tensor:
+        """FlashAttention varlen on the occupied slots only: no projection or attention spent on padding."""
+        lengths = context.slot_mask.sum(1, dtype=torch.int32)
+        length = layout.shape[1]
+        output = attend_packed(
+            self.attention, *self.project(layout[context.slot_mask]), lengths, lengths, length, length
+        )
+        padded = output.new_zeros(*layout.shape[:2], output.shape[1] * output.shape[2])
+        return padded.index_put((context.slot_mask,), output.flatten(1))[context.slot_row, context.slot_column]
+
+    def forward(self, hidden_states: torch.Tensor, context: RememberContext) -> torch.Tensor:
+        layout = self.layout(hidden_states, context)
+        packed = "flash" in backend(self.attention, layout)
+        output = self.attend_packed(layout, context) if packed else self.attend_padded(layout, context)
+        update = self.out_proj(output)
         position = (context.token_batch, context.token_position)
         return hidden_states.index_put(position, update.to(hidden_states.dtype), accumulate=True)
 
@@ -219,6 +329,18 @@ class VisionRemember(nn.Module):
         levels = features.chunk(len(self.feature_norms), dim=-1)
         return torch.cat([norm(level) for norm, level in zip(self.feature_norms, levels)], dim=-1)
 
+    def gather_windows(self, features: torch.Tensor, window_index: torch.Tensor) -> torch.Tensor:
+        """`(tokens, window, L * Dv)`: each window's normalised features in the blocks' dtype (any feature in holes).
+
+        Normalises whichever is smaller: the gathered windows (local windows skip the features that AnyRes unpadding
+        dropped) or all features (global windows repeat every feature once per token).
+        """
+        features = features.to(self.feature_norms[0].weight.dtype)
+        rows = window_index.clamp(min=0)
+        if rows.numel() <= features.shape[0]:
+            return self.normalize_features(features[rows])
+        return self.normalize_features(features)[rows]
+
     def prepare(
         self,
         features: torch.Tensor,
@@ -231,7 +353,7 @@ class VisionRemember(nn.Module):
         windowed = window_index[:, 0] >= 0
         window_index = window_index[windowed]
         holes = window_index < 0
-        window_features = self.normalize_features(features)[window_index.clamp(min=0)]
+        window_features = self.gather_windows(features, window_index)
         window_mask = ~holes if bool(holes.any()) else None
 
         sample_rows, slot_row, counts = torch.unique(token_batch, return_inverse=True, return_counts=True)

@@ -1,0 +1,183 @@
+"""Every fast attention path of Vision Remember against the reference: Transformers' eager attention, padded."""
+
+import importlib.util
+
+import pytest
+import torch
+from torch.nn import functional as F
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from vr_hf.modeling import vision_remember
+from vr_hf.modeling.image_layout import ImageLayout, image_windows
+from vr_hf.modeling.vision_remember import AttentionSettings, OutputProjection, VisionRemember, attend_windows
+from vr_hf.tiny import tiny_config
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+MISSING_FOR_FLASH = [
+    missing
+    for missing, available in [
+        ("a CUDA device", torch.cuda.is_available()),
+        ("flash-attn installed", importlib.util.find_spec("flash_attn") is not None),
+    ]
+    if not available
+]
+FLASH_ATTN = pytest.mark.skipif(bool(MISSING_FOR_FLASH), reason="needs " + " and ".join(MISSING_FOR_FLASH))
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+TOLERANCES = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+STAND_IN = "flash_varlen_stand_in"
+
+
+def varlen_stand_in(module, query, key, value, attention_mask, scaling, cu_seq_lens_q, cu_seq_lens_k, **kwargs):
+    """FlashAttention's varlen call as Transformers makes it, on any device: block-diagonal SDPA over packed
+    sequences `(1, heads, total, head_dim)`, so the packing around it can be tested without CUDA."""
+    query_sequence = torch.bucketize(torch.arange(query.shape[2]), cu_seq_lens_q[1:], right=True)
+    key_sequence = torch.bucketize(torch.arange(key.shape[2]), cu_seq_lens_k[1:], right=True)
+    mask = (query_sequence[:, None] == key_sequence[None]).to(query.device)
+    output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    return output.transpose(1, 2), None
+
+
+@pytest.fixture
+def stand_in_flash(monkeypatch):
+    """Route the `flash` paths to `varlen_stand_in`."""
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, STAND_IN, varlen_stand_in)
+    monkeypatch.setattr(vision_remember, "flash_problems", lambda module, tensor: [])
+
+
+def settings(implementation: str, head_dim: int) -> AttentionSettings:
+    config = tiny_config()
+    config._attn_implementation = implementation
+    return AttentionSettings(config, head_dim)
+
+
+def random_windows(num_tokens: int, width: int, heads: int, head_dim: int, holes: bool, dtype, device, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.randn(num_tokens, heads, head_dim, generator=generator)
+    window = torch.randn(num_tokens, width, heads, head_dim, generator=generator)
+    mask = None
+    if holes:  # every window keeps its first feature, as `prepare` guarantees
+        mask = torch.rand(num_tokens, width, generator=generator) > 0.4
+        mask[:, 0] = True
+    to = dict(dtype=dtype, device=device)
+    return query.to(**to), window.to(**to), None if mask is None else mask.to(device)
+
+
+SHAPES = [(7, 9, 2, 8, False), (5, 25, 3, 16, False), (6, 16, 1, 32, True), (4, 81, 4, 8, True), (1, 4, 2, 8, False)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda shape: "tokens{}-window{}-heads{}-dim{}-holes{}".format(*shape))
+@pytest.mark.parametrize("implementation", ["sdpa", STAND_IN])
+def test_windowed_attention_equals_reference(shape, dtype, device, implementation, stand_in_flash):
+    num_tokens, width, heads, head_dim, holes = shape
+    query, window, mask = random_windows(num_tokens, width, heads, head_dim, holes, dtype, device, seed=width)
+    expected = attend_windows(settings("eager", head_dim), query, window, mask)
+    output = attend_windows(settings(implementation, head_dim), query, window, mask)
+    assert output.shape == (num_tokens, heads, head_dim) and output.dtype == dtype
+    torch.testing.assert_close(output, expected, **TOLERANCES[dtype])
+
+
+def blocks(downsample_factor: int, interaction: str, implementation: str, dtype) -> VisionRemember:
+    """Vision Remember blocks for 15x15-patch views, so that windows of 3x3 and 5x5 both tile them."""
+    tiny = tiny_config()
+    config = tiny_config(
+        vision_config=dict(tiny.vision_config.to_dict(), image_size=45),
+        image_grid_pinpoints=[[45, 90], [90, 45], [90, 90]],
+        downsample_factor=downsample_factor,
+        interaction=interaction,
+        identity_init=False,
+    )
+    config._attn_implementation = implementation
+    torch.manual_seed(0)
+    module = VisionRemember(config)
+    for submodule in module.modules():
+        if isinstance(submodule, OutputProjection):
+            torch.nn.init.normal_(submodule.weight, std=0.5)
+    return module.to(dtype)
+
+
+def context_inputs(module: VisionRemember, dtype):
+    """Two samples with one AnyRes image each (unpadded tiles, newline tokens), a text-only sample, left padding."""
+    config = module.config
+    sizes = [(50, 100), (100, 80)]
+    windows = image_windows(config, sizes)
+    width = max(window.shape[1] for window in windows)
+    window_index = torch.cat([F.pad(window, (0, width - window.shape[1]), value=-1) for window in windows])
+    layout = ImageLayout.from_config(config)
+    num_features = sum(layout.num_views(size) for size in sizes) * config.grid_size**2
+    features = torch.randn(num_features, config.remember_feature_size).to(dtype)
+
+    counts = [len(window) for window in windows]
+    length = max(counts) + 8
+    token_batch = torch.cat([torch.full((count,), row) for row, count in enumerate(counts)])
+    token_position = torch.cat([torch.arange(count) + 5 + 2 * row for row, count in enumerate(counts)])
+    guidance_mask = torch.zeros(3, length, dtype=torch.bool)
+    guidance_mask[:, 2:5] = True
+    guidance_mask[1, :] = False  # one sample without prompt text: its text-guided token is masked out
+    hidden_states = torch.randn(3, length, config.text_config.hidden_size).to(dtype)
+    return (features, token_batch, token_position, window_index, guidance_mask), hidden_states
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "downsample_factor, interaction",
+    [(3, "local"), (5, "local"), (3, "global"), (5, "deformable")],
+)
+@pytest.mark.parametrize("implementation", ["sdpa", STAND_IN])
+def test_blocks_equal_reference(downsample_factor, interaction, implementation, dtype, stand_in_flash):
+    """Both sub-layers of every block, on real windows: the packed and SDPA paths against eager."""
+    reference = blocks(downsample_factor, interaction, "eager", dtype)
+    fast = blocks(downsample_factor, interaction, implementation, dtype)
+    inputs, hidden_states = context_inputs(reference, dtype)
+    context = reference.prepare(*inputs)
+    assert (context.window_mask is not None) == (interaction == "global"), (
+        "global windows of unequal images have holes"
+    )
+    assert not context.windowed.all(), "newline tokens have no window"
+    assert context.window_features.dtype == dtype
+
+    with torch.no_grad():
+        expected = reference.layers["0"](hidden_states, context)
+        output = fast.layers["0"](hidden_states, fast.prepare(*inputs))
+    torch.testing.assert_close(output, expected, **TOLERANCES[dtype])
+
+
+def test_blocks_gradients_equal_reference(stand_in_flash):
+    reference = blocks(3, "local", "eager", torch.float32)
+    inputs, hidden_states = context_inputs(reference, torch.float32)
+    gradients = {}
+    for implementation in ("eager", "sdpa", STAND_IN):
+        module = blocks(3, "local", implementation, torch.float32)
+        module.layers["0"](hidden_states, module.prepare(*inputs)).square().sum().backward()
+        gradients[implementation] = {name: parameter.grad for name, parameter in module.named_parameters()}
+    for implementation in ("sdpa", STAND_IN):
+        for name, gradient in gradients["eager"].items():
+            torch.testing.assert_close(gradients[implementation][name], gradient, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_flash_falls_back_to_sdpa_and_says_why(monkeypatch):
+    """FlashAttention asked for where it cannot run (here: CPU, float32, head_dim 384): SDPA, and a message."""
+    messages = []
+    monkeypatch.setattr(vision_remember.logger, "warning_once", messages.append)
+    query, window, mask = random_windows(5, 9, 2, 384, True, torch.float32, "cpu", seed=0)
+    output = attend_windows(settings("flash_attention_2", 384), query, window, mask)
+    torch.testing.assert_close(output, attend_windows(settings("eager", 384), query, window, mask))
+    assert len(messages) == 1
+    for reason in ("flash_attention_2", "CUDA", "float16 or bfloat16", "head_dim 384", "falls back to sdpa"):
+        assert reason in messages[0]
+
+
+@FLASH_ATTN
+@pytest.mark.parametrize("downsample_factor, interaction", [(3, "local"), (5, "local"), (3, "global")])
+def test_flash_attention_equals_reference_on_gpu(downsample_factor, interaction):
+    reference = blocks(downsample_factor, interaction, "eager", torch.bfloat16).cuda()
+    fast = blocks(downsample_factor, interaction, "flash_attention_2", torch.bfloat16).cuda()
+    inputs, hidden_states = context_inputs(reference, torch.bfloat16)
+    inputs, hidden_states = [tensor.cuda() for tensor in inputs], hidden_states.cuda()
+    assert not vision_remember.flash_problems(fast.layers["0"].self_attention.attention, hidden_states)
+    with torch.no_grad():
+        expected = reference.layers["0"](hidden_states, reference.prepare(*inputs))
+        output = fast.layers["0"](hidden_states, fast.prepare(*inputs))
+    torch.testing.assert_close(output, expected, **TOLERANCES[torch.bfloat16])
