@@ -1,0 +1,396 @@
+"""Efficiency of Vision Remember: prefill, decode, memory and training cost, and its windowed-attention paths.
+
+One run measures, for the same image and prompt, uncompressed LLaVA-NeXT style tokens (ratio 1/1) and average pooling
+at 1/4, 1/9 and 1/16, each pooled model with and without Vision Remember; then the windowed cross-attention paths
+against the reference and against their memory-bandwidth floor. It prints one table of ratios and writes the raw
+numbers (`benchmark.json`) and a plot in the style of the paper's Figure 4 (`benchmark.png`).
+
+    python benchmarks/benchmark.py               # the paper's sizes, bf16 on CUDA (random weights)
+    python benchmarks/benchmark.py --cpu-small   # reduced sizes, float32 on CPU, a few minutes on two cores
+
+All models are built first and measured interleaved, one repeat of each in turn, after two warm-up rounds; medians
+are reported. Time to first token is one prefill forward (vision tower, projector, decoder, Vision Remember) with the
+logits of the last position; decode is greedy steps with the KV cache. Peak memory of a model is its parameters and
+buffers plus how far memory rises during a prefill, at its peak: on CUDA allocated tensors
+(`torch.cuda.max_memory_allocated`), on CPU the process's resident set (`VmHWM` after a reset through
+`/proc/self/clear_refs`, against `VmRSS` before), which also counts what the allocator keeps.
+"""
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from vr_hf import VisionRememberConfig, VisionRememberForConditionalGeneration
+from vr_hf.modeling.vision_remember import AttentionSettings, attend_windows, flash_problems
+
+
+RATIOS = [1, 2, 3, 4]  # downsample factors: 1/1 (uncompressed), 1/4, 1/9, 1/16
+PROMPT_TEXT, ANSWER_TEXT = 24, 16  # text tokens around the image: prompt and (for training) answer
+
+
+@dataclass
+class Setup:
+    config: dict
+    image_size: int  # the square image: AnyRes gives 4 tiles + the base view
+    device: torch.device
+    dtype: torch.dtype
+    repeats: int
+    decode_tokens: int
+
+
+def paper_setup(device, repeats, decode_tokens) -> Setup:
+    """SigLIP-L/16-384 (the config's default), Qwen2-0.5B (its default), AnyRes with 5 views, bf16."""
+    config = dict(image_grid_pinpoints=[[384, 768], [768, 384], [768, 768]])
+    return Setup(config, 768, device, torch.bfloat16, repeats, decode_tokens)
+
+
+def cpu_small_setup(repeats, decode_tokens) -> Setup:
+    """The same shape of model, scaled down: 12x12 patches per view, 5 views, a 4-layer decoder, float32."""
+    config = dict(
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            image_size=96,
+            patch_size=8,
+            vision_use_head=False,
+        ),
+        text_config=dict(
+            model_type="qwen2",
+            vocab_size=2048,
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        ),
+        image_token_id=2047,
+        vision_feature_layers=[1, 2, 3],
+        cross_attention_heads=4,
+        image_grid_pinpoints=[[96, 192], [192, 96], [192, 192]],
+    )
+    return Setup(config, 192, torch.device("cpu"), torch.float32, repeats, decode_tokens)
+
+
+def build(setup: Setup, downsample_factor: int, use_vision_remember: bool, attn: str):
+    config = VisionRememberConfig(
+        **setup.config, downsample_factor=downsample_factor, use_vision_remember=use_vision_remember
+    )
+    torch.manual_seed(0)
+    with setup.device:
+        model = VisionRememberForConditionalGeneration(config)
+    model = model.to(setup.dtype).eval()
+    model.set_attn_implementation(attn)
+    return model
+
+
+def model_inputs(model, setup: Setup, answer: int = 0) -> dict:
+    """One image and a prompt around it (plus `answer` supervised tokens), as the processor would lay them out."""
+    config = model.config
+    num_image_tokens = model.model.image_layout.num_tokens((setup.image_size, setup.image_size))
+    generator = torch.Generator().manual_seed(0)
+    text = torch.randint(0, config.image_token_id, (PROMPT_TEXT + answer,), generator=generator)
+    image = torch.full((num_image_tokens,), config.image_token_id)
+    input_ids = torch.cat([text[:8], image, text[8:]])[None]
+    num_views = model.model.image_layout.num_views((setup.image_size, setup.image_size))
+    side = config.vision_config.image_size
+    pixel_values = torch.randn(1, num_views, 3, side, side, generator=generator)
+    inputs = dict(
+        input_ids=input_ids,
+        pixel_values=pixel_values.to(setup.dtype),
+        image_sizes=torch.tensor([[setup.image_size, setup.image_size]]),
+    )
+    if answer:
+        labels = torch.full_like(input_ids, -100)
+        labels[:, -answer:] = input_ids[:, -answer:]
+        inputs["labels"] = labels
+    return {name: tensor.to(setup.device) for name, tensor in inputs.items()}
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds(function, device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    function()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def median_seconds(function, setup: Setup, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        function()
+    return statistics.median(seconds(function, setup.device) for _ in range(setup.repeats))
+
+
+def memory_mb(device: torch.device, peak: bool) -> float:
+    if device.type == "cuda":
+        return (torch.cuda.max_memory_allocated if peak else torch.cuda.memory_allocated)(device) / 2**20
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:" if peak else "VmRSS:")[1].split()[0]) / 1024
+
+
+def peak_memory_mb(model, function, device: torch.device) -> float:
+    """The model's parameters and buffers plus how far memory rises above its level before `function` at the peak:
+    on CUDA, allocated tensors; on CPU, the process's resident set (reset through `/proc/self/clear_refs`)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
+    before = memory_mb(device, peak=False)
+    function()
+    tensors = [*model.parameters(), *model.buffers()]
+    return memory_mb(device, peak=True) - before + sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+class Runner:
+    """One model's measurements, one repeat at a time, so that all models are measured interleaved: a machine that
+    slows down for a while slows every model alike, and the ratios hold."""
+
+    def __init__(self, model, setup: Setup, training: bool):
+        self.model, self.setup = model, setup
+        self.inputs = model_inputs(model, setup)
+        self.training_inputs = model_inputs(model, setup, answer=ANSWER_TEXT) if training else None
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-6) if training else None
+        self.times = {"ttft": [], "decode": [], "train_step": []}
+
+    @torch.inference_mode()
+    def prefill(self):
+        return self.model(**self.inputs, use_cache=True, logits_to_keep=1)
+
+    @torch.inference_mode()
+    def decode(self) -> float:
+        """Seconds of `decode_tokens` greedy steps after a prefill (the prefill not counted)."""
+        output = self.prefill()
+
+        def steps():
+            nonlocal output
+            for _ in range(self.setup.decode_tokens):
+                token = output.logits[:, -1:].argmax(-1)
+                output = self.model(input_ids=token, past_key_values=output.past_key_values, use_cache=True)
+
+        return seconds(steps, self.setup.device)
+
+    def train_step(self):
+        self.model.train()
+        self.model(**self.training_inputs).loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.eval()
+
+    def measure(self, record: bool):
+        device = self.setup.device
+        ttft = seconds(self.prefill, device)
+        decode = self.decode()
+        train_step = seconds(self.train_step, device) if self.optimizer else None
+        if record:
+            self.times["ttft"].append(ttft)
+            self.times["decode"].append(decode)
+            if train_step is not None:
+                self.times["train_step"].append(train_step)
+
+    def results(self) -> dict:
+        median = {name: statistics.median(times) for name, times in self.times.items() if times}
+        numbers = dict(
+            vision_tokens=int((self.inputs["input_ids"] == self.model.config.image_token_id).sum()),
+            ttft_ms=median["ttft"] * 1e3,
+            decode_tokens_per_s=self.setup.decode_tokens / median["decode"],
+            peak_memory_mb=peak_memory_mb(self.model, self.prefill, self.setup.device),
+        )
+        if "train_step" in median:
+            numbers["train_step_ms"] = median["train_step"] * 1e3
+        return numbers
+
+
+def bandwidth_gb_s(setup: Setup) -> float:
+    """Measured memory bandwidth: a large copy reads and writes each byte once."""
+    source = torch.empty(64 * 2**20 if setup.device.type == "cpu" else 1024 * 2**20, dtype=torch.uint8)
+    source = source.to(setup.device)
+    target = torch.empty_like(source)
+    seconds = median_seconds(lambda: target.copy_(source), setup)
+    return 2 * source.numel() / seconds / 1e9
+
+
+def window_paths(config: VisionRememberConfig, device, dtype) -> dict[str, str]:
+    """The windowed-attention paths to time: name to `attn_implementation`, FlashAttention where it can run."""
+    paths = {"reference (eager)": "eager", "sdpa": "sdpa"}
+    settings = AttentionSettings(config, config.remember_feature_size // config.cross_attention_heads)
+    if not flash_problems(settings, torch.empty(0, device=device, dtype=dtype)):
+        paths["flash varlen"] = "flash_attention_2"
+    return paths
+
+
+def measure_window_attention(setup: Setup, downsample_factor: int, bandwidth: float) -> dict:
+    """Each windowed cross-attention path on one image's windows, against the reference and the bandwidth floor."""
+    config = VisionRememberConfig(**setup.config, downsample_factor=downsample_factor)
+    heads = config.cross_attention_heads
+    head_dim = config.remember_feature_size // heads
+    tokens = 5 * config.tokens_per_side**2
+    window = downsample_factor**2
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(tokens, heads, head_dim, generator=generator).to(setup.device, setup.dtype)
+    keys = torch.randn(tokens, window, heads, head_dim, generator=generator).to(setup.device, setup.dtype)
+    # Bytes that must move at least once: every window feature and query read, every output written.
+    floor = (keys.numel() + 2 * query.numel()) * keys.element_size() / (bandwidth * 1e9)
+    results = {}
+    for name, implementation in window_paths(config, setup.device, setup.dtype).items():
+        config._attn_implementation = implementation
+        settings = AttentionSettings(config, head_dim)
+        with torch.inference_mode():
+            seconds = median_seconds(lambda: attend_windows(settings, query, keys), setup, warmup=3)
+        results[name] = dict(ms=seconds * 1e3, floor_ms=floor * 1e3, tokens=tokens, window=window)
+    return results
+
+
+def ratio_label(downsample_factor: int) -> str:
+    return f"1/{downsample_factor**2}"
+
+
+def run(setup: Setup, attn: str, training: bool, warmup: int = 2) -> dict:
+    jobs = [(factor, False) for factor in RATIOS] + [(factor, True) for factor in RATIOS if factor > 1]
+    runners = {}
+    for factor, use_vision_remember in tqdm(jobs, desc="build"):
+        label = f"{ratio_label(factor)}{' +VR' if use_vision_remember else ''}"
+        runners[label] = Runner(build(setup, factor, use_vision_remember, attn), setup, training and factor > 1)
+    for repeat in tqdm(range(warmup + setup.repeats), desc="models, interleaved"):
+        for runner in runners.values():
+            runner.measure(record=repeat >= warmup)
+    results = {"models": {label: runner.results() for label, runner in runners.items()}, "window_attention": {}}
+    del runners
+    gc.collect()
+    bandwidth = bandwidth_gb_s(setup)
+    results["bandwidth_gb_s"] = bandwidth
+    for factor in tqdm(RATIOS[1:], desc="windowed attention"):
+        results["window_attention"][ratio_label(factor)] = measure_window_attention(setup, factor, bandwidth)
+    return results
+
+
+def ratio_table(results: dict) -> str:
+    """One markdown table: Vision Remember against the same model without it, both against uncompressed, and the
+    windowed-attention paths against the reference and their floor."""
+    models = results["models"]
+    uncompressed = models["1/1"]
+    lines = [
+        "| ratio | vision tokens | TTFT ms (VR / without) | TTFT VR/without | decode tok/s VR/without "
+        "| peak mem VR/without | train step VR/without | TTFT VR/uncompressed | mem VR/uncompressed |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for factor in RATIOS[1:]:
+        label = ratio_label(factor)
+        base, remember = models[label], models[f"{label} +VR"]
+        train = (
+            f"{remember['train_step_ms'] / base['train_step_ms']:.3f}" if "train_step_ms" in base else "not measured"
+        )
+        lines.append(
+            f"| {label} | {base['vision_tokens']} | {remember['ttft_ms']:.1f} / {base['ttft_ms']:.1f} "
+            f"| {remember['ttft_ms'] / base['ttft_ms']:.3f} "
+            f"| {remember['decode_tokens_per_s'] / base['decode_tokens_per_s']:.3f} "
+            f"| {remember['peak_memory_mb'] / base['peak_memory_mb']:.3f} | {train} "
+            f"| {remember['ttft_ms'] / uncompressed['ttft_ms']:.3f} "
+            f"| {remember['peak_memory_mb'] / uncompressed['peak_memory_mb']:.3f} |"
+        )
+    lines += [
+        "",
+        "| windowed attention | path | ms | reference / path | path / bandwidth floor |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for label, paths in results["window_attention"].items():
+        reference = paths["reference (eager)"]["ms"]
+        for name, numbers in paths.items():
+            shape, ms = f"{numbers['tokens']} tokens x {numbers['window']} features", numbers["ms"]
+            lines.append(
+                f"| {label} ({shape}) | {name} | {ms:.3f} | {reference / ms:.2f} | {ms / numbers['floor_ms']:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path):
+    """Figure 4 of the paper: time to first token, decode speed and memory per compression ratio, with and without
+    Vision Remember, beside uncompressed LLaVA-NeXT."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    models = results["models"]
+    labels = [ratio_label(factor) for factor in RATIOS]
+    metrics = [("ttft_ms", "time to first token (ms)"), ("decode_tokens_per_s", "decode (tokens/s)")]
+    metrics.append(("peak_memory_mb", "peak memory (MB)"))
+    figure, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.6))
+    positions = range(len(labels))
+    for axis, (key, title) in zip(axes, metrics):
+        without = [models[label][key] for label in labels]
+        remember = [models.get(f"{label} +VR", {}).get(key, 0.0) for label in labels]
+        axis.bar([p - 0.2 for p in positions], without, width=0.4, label="without Vision Remember", color="#9bb7d4")
+        axis.bar([p + 0.2 for p in positions], remember, width=0.4, label="with Vision Remember", color="#e07b39")
+        axis.set_xticks(list(positions), ["1/1\n(LLaVA-NeXT)"] + labels[1:])
+        axis.set_title(title)
+        axis.set_xlabel("compression ratio")
+    axes[0].legend(fontsize=8)
+    figure.suptitle(f"{results['device']}, {results['dtype']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu_info = Path("/proc/cpuinfo")
+    names = [
+        line.split(":", 1)[1].strip() for line in cpu_info.read_text().splitlines() if line.startswith("model name")
+    ]
+    return f"{names[0] if names else platform.processor()}, {torch.get_num_threads()} threads"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu-small", action="store_true", help="reduced sizes in float32 on the CPU")
+    parser.add_argument("--attn", default="sdpa", help="attn_implementation of every model (default: sdpa)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median reported)")
+    parser.add_argument("--decode-tokens", type=int, default=None, help="decode steps timed per run")
+    parser.add_argument("--no-training", action="store_true", help="skip the training-step measurements")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: robust on a shared CPU)")
+    parser.add_argument("--output-dir", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    if args.cpu_small or not torch.cuda.is_available():
+        setup = cpu_small_setup(args.repeats or 5, args.decode_tokens or 16)
+    else:
+        setup = paper_setup(torch.device("cuda"), args.repeats or 10, args.decode_tokens or 64)
+    results = run(setup, args.attn, training=not args.no_training)
+    results.update(
+        device=device_name(setup.device),
+        dtype=str(setup.dtype).removeprefix("torch."),
+        attn_implementation=args.attn,
+        torch=torch.__version__,
+        sizes="cpu-small" if setup.device.type == "cpu" else "paper",
+        repeats=setup.repeats,
+        decode_tokens=setup.decode_tokens,
+    )
+    table = ratio_table(results)
+    print(table)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / "benchmark.json").write_text(json.dumps(results, indent=2))
+    (args.output_dir / "table.md").write_text(table + "\n")
+    plot(results, args.output_dir / "benchmark.png")
+    print(f"wrote {args.output_dir}/benchmark.json, table.md, benchmark.png")
+
+
+if __name__ == "__main__":
+    main()
