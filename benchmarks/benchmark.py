@@ -13,14 +13,17 @@ are reported. Time to first token is one prefill forward (vision tower, projecto
 logits of the last position; decode is greedy steps with the KV cache. Peak memory of a model is its parameters and
 buffers plus how far memory rises during a prefill, at its peak: on CUDA allocated tensors
 (`torch.cuda.max_memory_allocated`), on CPU the process's resident set (`VmHWM` after a reset through
-`/proc/self/clear_refs`, against `VmRSS` before), which also counts what the allocator keeps.
+`/proc/self/clear_refs`, against `VmRSS` before). On CPU the script runs itself with glibc's `MALLOC_MMAP_THRESHOLD_`
+fixed at 64 KiB, so that freed tensors go back to the system and each prefill's rise in resident memory is its own.
 """
 
 import argparse
 import gc
 import json
+import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -357,6 +360,13 @@ def device_name(device: torch.device) -> str:
     return f"{names[0] if names else platform.processor()}, {torch.get_num_threads()} threads"
 
 
+def return_freed_memory_to_the_system():
+    """Re-run this script with large allocations mapped and unmapped one by one (see the module docstring)."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
+        environment = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+        os.execve(sys.executable, [sys.executable, *sys.argv], environment)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-small", action="store_true", help="reduced sizes in float32 on the CPU")
@@ -370,7 +380,8 @@ def main():
 
     torch.set_num_threads(args.threads)
     if args.cpu_small or not torch.cuda.is_available():
-        setup = cpu_small_setup(args.repeats or 5, args.decode_tokens or 16)
+        return_freed_memory_to_the_system()
+        setup = cpu_small_setup(args.repeats or 9, args.decode_tokens or 32)
     else:
         setup = paper_setup(torch.device("cuda"), args.repeats or 10, args.decode_tokens or 64)
     results = run(setup, args.attn, training=not args.no_training)
