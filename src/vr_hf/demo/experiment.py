@@ -1,0 +1,157 @@
+"""Train a pooling baseline and the same model with Vision Remember on the synthetic task; compare on held-out data."""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from transformers import SiglipVisionModel, Trainer, TrainingArguments
+
+from ..modeling import VisionRememberConfig, VisionRememberForConditionalGeneration
+from ..processor import build_processor
+from ..tiny import byte_tokenizer, tiny_config
+from .tasks import QUESTIONS, Sample
+
+
+@dataclass
+class RunSettings:
+    steps: int
+    batch_size: int
+    learning_rate: float
+    seed: int
+
+
+def model_config(tower: SiglipVisionModel, downsample_factor: int, use_vision_remember: bool) -> VisionRememberConfig:
+    """A 2-layer Qwen2 decoder on the pretrained tower, one view per image, Vision Remember after decoder layer 0."""
+    tiny = tiny_config()
+    text_config = dict(
+        tiny.text_config.to_dict(), hidden_size=128, intermediate_size=256, num_hidden_layers=2, layer_types=None
+    )
+    return tiny_config(
+        vision_config=tower.config.to_dict(),
+        text_config=text_config,
+        image_grid_pinpoints=None,
+        downsample_factor=downsample_factor,
+        use_vision_remember=use_vision_remember,
+        remember_after_layers=[0],
+        cross_attention_heads=4,
+    )
+
+
+def build_model(tower: SiglipVisionModel, downsample_factor: int, use_vision_remember: bool, seed: int):
+    torch.manual_seed(seed)
+    model = VisionRememberForConditionalGeneration(model_config(tower, downsample_factor, use_vision_remember))
+    model.model.vision_tower.load_state_dict(tower.state_dict())
+    model.model.vision_tower.requires_grad_(False)
+    return model
+
+
+def conversation(question: str, answer: str | None = None) -> list[dict]:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages
+
+
+class AnswerDataset(torch.utils.data.Dataset):
+    """Samples encoded once by the model's processor; the loss is on the answer only."""
+
+    def __init__(self, samples: list[Sample], processor):
+        self.items = [self.encode(sample, processor) for sample in samples]
+
+    @staticmethod
+    def encode(sample: Sample, processor) -> dict:
+        prompt = processor.apply_chat_template(conversation(sample.question), add_generation_prompt=True)
+        full = processor.apply_chat_template(conversation(sample.question, sample.answer))
+        encoded = processor(images=[Image.fromarray(sample.image)], text=[full], return_tensors="pt")
+        prompt_length = len(processor(images=[Image.fromarray(sample.image)], text=[prompt])["input_ids"][0])
+        labels = encoded["input_ids"][0].clone()
+        labels[:prompt_length] = -100
+        return {"input_ids": encoded["input_ids"][0], "labels": labels, "pixel_values": encoded["pixel_values"][0]}
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.items[index]
+
+
+def collate(pad_token_id: int):
+    def pad(sequences, value):
+        return torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True, padding_value=value)
+
+    def collate_batch(items: list[dict]) -> dict:
+        input_ids = pad([item["input_ids"] for item in items], pad_token_id)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": pad([torch.ones_like(item["input_ids"]) for item in items], 0),
+            "labels": pad([item["labels"] for item in items], -100),
+            "pixel_values": torch.stack([item["pixel_values"] for item in items]),
+        }
+
+    return collate_batch
+
+
+def train(model, dataset: AnswerDataset, settings: RunSettings, output_dir: str, pad_token_id: int, callbacks=None):
+    arguments = TrainingArguments(
+        output_dir=output_dir,
+        max_steps=settings.steps,
+        per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=settings.steps // 10,
+        weight_decay=0.0,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=settings.seed,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=model,
+        args=arguments,
+        train_dataset=dataset,
+        data_collator=collate(pad_token_id),
+        callbacks=callbacks or [],
+    )
+    trainer.train()
+    return model.eval()
+
+
+@torch.no_grad()
+def accuracy_by_task(model, processor, samples: list[Sample], batch_size: int = 64) -> dict[str, float]:
+    """Greedy answers on held-out samples, exact match, per task type."""
+    correct = {task: [] for task in QUESTIONS}
+    for task in QUESTIONS:
+        task_samples = [sample for sample in samples if sample.task == task]
+        prompt = processor.apply_chat_template(conversation(QUESTIONS[task]), add_generation_prompt=True)
+        for start in range(0, len(task_samples), batch_size):
+            batch = task_samples[start : start + batch_size]
+            images = [Image.fromarray(sample.image) for sample in batch]
+            inputs = processor(images=images, text=[prompt] * len(batch), return_tensors="pt")
+            generated = model.generate(**inputs, max_new_tokens=10, do_sample=False)
+            answers = processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            correct[task] += [answer.strip() == sample.answer for answer, sample in zip(answers, batch)]
+    return {task: sum(hits) / max(len(hits), 1) for task, hits in correct.items()}
+
+
+def chance(samples: list[Sample]) -> dict[str, float]:
+    """Accuracy of always answering each task's most frequent answer."""
+    result = {}
+    for task in QUESTIONS:
+        answers = [sample.answer for sample in samples if sample.task == task]
+        result[task] = max(answers.count(answer) for answer in set(answers)) / max(len(answers), 1)
+    return result
+
+
+def processor_for(config: VisionRememberConfig):
+    return build_processor(config, byte_tokenizer())
+
+
+def mean_and_spread(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    spread = math.sqrt(sum((value - mean) ** 2 for value in values) / max(len(values) - 1, 1))
+    return mean, spread

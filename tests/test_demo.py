@@ -1,0 +1,55 @@
+"""The embedded-default job: its synthetic task is what it claims, and the command runs end to end."""
+
+import json
+
+import numpy as np
+import pytest
+
+from vr_hf.cli import downsample_factor, main
+from vr_hf.demo.tasks import CELL, EMPTY, GRID, ITEMS, LETTERS, MARKERS, make_sample, make_split
+
+
+@pytest.mark.parametrize("task", ["text", "chart"])
+def test_one_red_item_and_the_answer_names_it(task):
+    sample = make_sample(task, np.random.default_rng(0))
+    assert sample.cell_red.sum() == 1
+    row, column = np.argwhere(sample.cell_red)[0]
+    assert ITEMS[sample.cell_items[row, column]] == sample.answer
+    assert sample.answer in (LETTERS if task == "text" else MARKERS)
+    assert (sample.cell_items != EMPTY).all()
+
+    reddish = (sample.image[..., 0].astype(int) - sample.image[..., 1]) > 100
+    red_cells = {(y // CELL, x // CELL) for y, x in np.argwhere(reddish)}
+    assert red_cells == {(row, column)}, "red ink must stay inside the red item's cell"
+    assert sample.image.shape == (GRID * CELL, GRID * CELL, 3)
+
+
+def test_splits_are_seeded_and_balanced():
+    first, again, other = make_split(20, seed=1), make_split(20, seed=1), make_split(20, seed=2)
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(first, again))
+    assert not all(np.array_equal(a.image, b.image) for a, b in zip(first, other))
+    assert sum(sample.task == "text" for sample in first) == 10
+
+
+def test_ratios_parse_to_window_sides():
+    assert [downsample_factor(ratio) for ratio in ("1/4", "1/9", "1/16")] == [2, 3, 4]
+    for bad in ("1/8", "2/9", "1/25"):
+        with pytest.raises(Exception, match="1/"):
+            downsample_factor(bad)
+
+
+def test_the_command_runs_end_to_end(tmp_path, capsys):
+    output = tmp_path / "run"
+    main(
+        ["--steps", "3", "--train-size", "16", "--test-size", "8", "--tower-steps", "2", "--batch-size", "4"]
+        + ["--output-dir", str(output)]
+    )
+    printed = capsys.readouterr().out
+    assert "Held-out accuracy" in printed and "Asked it about" in printed
+    results = json.loads((output / "results.json").read_text())
+    assert {(run["downsample_factor"], run["use_vision_remember"]) for run in results["runs"]} == {
+        (3, False),
+        (3, True),
+    }
+    assert (output / "results.png").stat().st_size > 0
+    assert (output / "checkpoint" / "modeling_vision_remember.py").exists()
