@@ -27,7 +27,7 @@ TOWER_SEED, TEST_SEED = 10_000, 20_000
 class Settings:
     ratios: list[int] = field(default_factory=lambda: [3])  # downsample factors s: ratio 1/s**2
     seeds: list[int] = field(default_factory=lambda: [0])
-    steps: int = 1500
+    steps: int = 2500
     learning_rate: float = 1e-3
     batch_size: int = 32
     train_size: int = 4000
