@@ -162,8 +162,6 @@ class VisionRememberConfig(PreTrainedConfig):
         """Part of `@strict` validation: every error names the field and how to fix it."""
         if self.projector_type not in PROJECTOR_TYPES:
             raise ValueError(f"projector_type={self.projector_type!r} is unknown: use one of {PROJECTOR_TYPES}.")
-        if self.interaction not in INTERACTION_TYPES:
-            raise ValueError(f"interaction={self.interaction!r} is unknown: use one of {INTERACTION_TYPES}.")
         if self.downsample_factor < 1 or self.grid_size % self.downsample_factor:
             raise ValueError(
                 f"downsample_factor={self.downsample_factor} does not tile the {self.grid_size}x{self.grid_size} "
@@ -180,29 +178,39 @@ class VisionRememberConfig(PreTrainedConfig):
                         f"states (embeddings + {num_vision_states - 1} layers): use indices in "
                         f"[{-num_vision_states}, {num_vision_states - 1}]."
                     )
-        if not self.vision_feature_layers:
-            raise ValueError("vision_feature_layers is empty: give at least one vision hidden-state index.")
-        last = self.text_config.num_hidden_layers - 1
-        for index in self.remember_after_layers:
-            if not 0 <= index < last:
-                raise ValueError(
-                    f"remember_after_layers has index {index}, out of range for a decoder with {last + 1} layers: use "
-                    f"0-based indices in [0, {last - 1}] (after the last layer, vision tokens reach no text token)."
-                )
-        if len(set(self.remember_after_layers)) != len(self.remember_after_layers):
-            raise ValueError(f"remember_after_layers={self.remember_after_layers} repeats a layer: list each once.")
-        if self.remember_feature_size % self.cross_attention_heads:
+        check_vision_remember_settings(self)
+
+
+def check_vision_remember_settings(config):
+    """The checks every config with Vision Remember shares, whatever its backbone: the layers it runs after, its
+    interaction, its head counts."""
+    if config.interaction not in INTERACTION_TYPES:
+        raise ValueError(f"interaction={config.interaction!r} is unknown: use one of {INTERACTION_TYPES}.")
+    if not config.vision_feature_layers:
+        raise ValueError("vision_feature_layers is empty: give at least one vision hidden-state index.")
+    if not config.remember_after_layers:
+        raise ValueError("remember_after_layers is empty: give at least one 0-based decoder layer index.")
+    last = config.text_config.num_hidden_layers - 1
+    for index in config.remember_after_layers:
+        if not 0 <= index < last:
             raise ValueError(
-                f"cross_attention_heads={self.cross_attention_heads} does not divide the multi-level feature width "
-                f"{self.remember_feature_size}: choose a divisor."
+                f"remember_after_layers has index {index}, out of range for a decoder with {last + 1} layers: use "
+                f"0-based indices in [0, {last - 1}] (after the last layer, vision tokens reach no text token)."
             )
-        if self.text_config.hidden_size % self.self_attention_heads:
-            raise ValueError(
-                f"self_attention_heads={self.self_attention_heads} does not divide the decoder width "
-                f"{self.text_config.hidden_size}: choose a divisor."
-            )
-        if self.deformable_points < 1:
-            raise ValueError(f"deformable_points={self.deformable_points} must be at least 1.")
+    if len(set(config.remember_after_layers)) != len(config.remember_after_layers):
+        raise ValueError(f"remember_after_layers={config.remember_after_layers} repeats a layer: list each once.")
+    if config.remember_feature_size % config.cross_attention_heads:
+        raise ValueError(
+            f"cross_attention_heads={config.cross_attention_heads} does not divide the multi-level feature width "
+            f"{config.remember_feature_size}: choose a divisor."
+        )
+    if config.text_config.hidden_size % config.self_attention_heads:
+        raise ValueError(
+            f"self_attention_heads={config.self_attention_heads} does not divide the decoder width "
+            f"{config.text_config.hidden_size}: choose a divisor."
+        )
+    if config.deformable_points < 1:
+        raise ValueError(f"deformable_points={config.deformable_points} must be at least 1.")
 
 
 __all__ = ["VisionRememberConfig"]

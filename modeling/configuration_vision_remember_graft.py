@@ -5,7 +5,7 @@ from dataclasses import fields
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 
-from .configuration_vision_remember import INTERACTION_TYPES
+from .configuration_vision_remember import check_vision_remember_settings
 
 
 @strict
@@ -102,42 +102,15 @@ class VisionRememberGraftConfig(PreTrainedConfig):
 
     def validate_vision_remember_graft(self):
         """Part of `@strict` validation: every error names the field and how to fix it."""
-        if self.interaction not in INTERACTION_TYPES:
-            raise ValueError(f"interaction={self.interaction!r} is unknown: use one of {INTERACTION_TYPES}.")
-        num_layers = self.text_config.num_hidden_layers
-        if not self.remember_after_layers:
-            raise ValueError("remember_after_layers is empty: give at least one 0-based decoder layer index.")
-        for index in self.remember_after_layers:
-            if not 0 <= index < num_layers - 1:
-                raise ValueError(
-                    f"remember_after_layers has index {index}, out of range for a decoder with {num_layers} layers: "
-                    f"use 0-based indices in [0, {num_layers - 2}] (after the last layer, vision tokens reach no text "
-                    "token)."
-                )
-        if len(set(self.remember_after_layers)) != len(self.remember_after_layers):
-            raise ValueError(f"remember_after_layers={self.remember_after_layers} repeats a layer: list each once.")
-        if not self.vision_feature_layers:
-            raise ValueError("vision_feature_layers is empty: give at least one vision hidden-state index.")
         last = self.max_vision_feature_layer
-        for index in self.vision_feature_layers:
+        for index in self.vision_feature_layers or []:
             if not 0 <= index <= last:
                 raise ValueError(
                     f"vision_feature_layers has index {index}: use hidden-state indices in [0, {last}] (0 is the "
                     "patch embeddings, i the output of encoder layer i - 1; later ones are not at full patch "
                     "resolution)."
                 )
-        if self.remember_feature_size % self.cross_attention_heads:
-            raise ValueError(
-                f"cross_attention_heads={self.cross_attention_heads} does not divide the multi-level feature width "
-                f"{self.remember_feature_size}: choose a divisor."
-            )
-        if self.text_config.hidden_size % self.self_attention_heads:
-            raise ValueError(
-                f"self_attention_heads={self.self_attention_heads} does not divide the decoder width "
-                f"{self.text_config.hidden_size}: choose a divisor."
-            )
-        if self.deformable_points < 1:
-            raise ValueError(f"deformable_points={self.deformable_points} must be at least 1.")
+        check_vision_remember_settings(self)
 
 
 __all__ = ["VisionRememberGraftConfig"]

@@ -16,7 +16,7 @@ from transformers.utils.generic import can_return_tuple
 from .configuration_vision_remember import VisionRememberConfig
 from .image_layout import NO_WINDOW, ImageLayout, image_windows
 from .projectors import PerceiverProjector, build_projector
-from .vision_remember import OutputProjection, SamplingOffsets, VisionRemember
+from .vision_remember import VisionRemember, init_vision_remember_weights
 
 
 IGNORE_INDEX = -100
@@ -119,15 +119,8 @@ class VisionRememberPreTrainedModel(PreTrainedModel):
             init.normal_(module.image_newline, std=1 / math.sqrt(config.text_config.hidden_size))
         elif isinstance(module, PerceiverProjector):
             init.normal_(module.latents, std=1 / math.sqrt(config.text_config.hidden_size))
-        elif isinstance(module, OutputProjection) and config.identity_init:
-            init.zeros_(module.weight)
-            init.zeros_(module.bias)
-        elif isinstance(module, SamplingOffsets):
-            # Start the sampling points on a ring halfway between the window's centre and its border.
-            angles = torch.arange(module.num_points) * (2 * math.pi / module.num_points)
-            ring = torch.stack([angles.cos(), angles.sin()], dim=-1).flatten() * 0.5
-            init.zeros_(module.weight)
-            init.copy_(module.bias, torch.atanh(ring))
+        else:
+            init_vision_remember_weights(module, config.identity_init)
 
 
 class VisionRememberModel(VisionRememberPreTrainedModel):

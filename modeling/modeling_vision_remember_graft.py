@@ -8,7 +8,6 @@ runs unchanged: the image features are computed once and handed to it as `mm_enc
 context reaches the decoder layers' hooks through the keyword arguments the native models forward to every layer.
 """
 
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -16,12 +15,11 @@ from functools import partial
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .image_layout import NO_WINDOW
 from .modeling_vision_remember import check_image_tokens, forget_caller_labels, hand_labels_to_model, prompt_mask
-from .vision_remember import OutputProjection, RememberContext, SamplingOffsets, VisionRemember
+from .vision_remember import RememberContext, VisionRemember, init_vision_remember_weights
 
 
 @dataclass
@@ -80,19 +78,6 @@ def global_windows(rows_per_image: list[int], tokens_per_image: list[int], devic
         windows.append(window.expand(tokens, width))
         start += rows
     return torch.cat(windows)
-
-
-def init_vision_remember_weights(module: nn.Module, identity_init: bool):
-    """The Vision Remember parts whose init is not the generic one: zero output projections (identity at init) and
-    the deformable sampling points on a ring halfway between the window's centre and its border."""
-    if isinstance(module, OutputProjection) and identity_init:
-        init.zeros_(module.weight)
-        init.zeros_(module.bias)
-    elif isinstance(module, SamplingOffsets):
-        angles = torch.arange(module.num_points) * (2 * math.pi / module.num_points)
-        ring = torch.stack([angles.cos(), angles.sin()], dim=-1).flatten() * 0.5
-        init.zeros_(module.weight)
-        init.copy_(module.bias, torch.atanh(ring))
 
 
 class VisionRememberGraftPreTrainedMixin:

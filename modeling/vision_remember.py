@@ -20,12 +20,14 @@ Attention follows the model's `attn_implementation`:
   256) the blocks fall back to SDPA and say why once.
 """
 
+import math
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
@@ -140,6 +142,19 @@ class SamplingOffsets(nn.Linear):
     def __init__(self, in_features: int, num_points: int):
         super().__init__(in_features, 2 * num_points)
         self.num_points = num_points
+
+
+def init_vision_remember_weights(module: nn.Module, identity_init: bool):
+    """The Vision Remember parts whose init is not the generic one: zero output projections (identity at init) and
+    the deformable sampling points on a ring halfway between the window's centre and its border."""
+    if isinstance(module, OutputProjection) and identity_init:
+        init.zeros_(module.weight)
+        init.zeros_(module.bias)
+    elif isinstance(module, SamplingOffsets):
+        angles = torch.arange(module.num_points) * (2 * math.pi / module.num_points)
+        ring = torch.stack([angles.cos(), angles.sin()], dim=-1).flatten() * 0.5
+        init.zeros_(module.weight)
+        init.copy_(module.bias, torch.atanh(ring))
 
 
 class AttentionSettings(nn.Module):
