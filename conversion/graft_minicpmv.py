@@ -4,7 +4,7 @@
 import sys
 
 from vr_hf.conversion import graft_minicpmv4_6
-from vr_hf.conversion.cli import graft_parser, graft_settings, run
+from vr_hf.conversion.cli import graft_command
 
 
 EPILOG = """example:
@@ -19,15 +19,7 @@ EPILOG = """example:
 
 
 def main(argv=None) -> int:
-    args = graft_parser(__doc__, EPILOG).parse_args(argv)
-    return run(
-        graft_minicpmv4_6,
-        args.source,
-        args.output_dir,
-        overwrite=args.overwrite,
-        seed=args.seed,
-        **graft_settings(args),
-    )
+    return graft_command(graft_minicpmv4_6, __doc__, EPILOG, argv)
 
 
 if __name__ == "__main__":

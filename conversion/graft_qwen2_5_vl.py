@@ -4,7 +4,7 @@
 import sys
 
 from vr_hf.conversion import graft_qwen2_5_vl
-from vr_hf.conversion.cli import graft_parser, graft_settings, run
+from vr_hf.conversion.cli import graft_command
 
 
 EPILOG = """example:
@@ -17,15 +17,7 @@ EPILOG = """example:
 
 
 def main(argv=None) -> int:
-    args = graft_parser(__doc__, EPILOG).parse_args(argv)
-    return run(
-        graft_qwen2_5_vl,
-        args.source,
-        args.output_dir,
-        overwrite=args.overwrite,
-        seed=args.seed,
-        **graft_settings(args),
-    )
+    return graft_command(graft_qwen2_5_vl, __doc__, EPILOG, argv)
 
 
 if __name__ == "__main__":

@@ -53,3 +53,11 @@ def run(conversion, *args, **kwargs) -> int:
         return 1
     print(f"Wrote {output}")
     return 0
+
+
+def graft_command(conversion, description: str, epilog: str, argv=None) -> int:
+    """A graft command line: parse the shared arguments, run `conversion`, report."""
+    args = graft_parser(description, epilog).parse_args(argv)
+    return run(
+        conversion, args.source, args.output_dir, overwrite=args.overwrite, seed=args.seed, **graft_settings(args)
+    )
