@@ -40,6 +40,7 @@ def parse_args(argv=None):
         "--vision-model", required=True, help="Hub id or folder: SiglipVisionModel, SiglipModel, CLIP..."
     )
     parser.add_argument("--text-model", required=True, help="Hub id or folder of a *ForCausalLM with its tokenizer")
+    parser.add_argument("--gguf-file", help="read the decoder from this GGUF file in --text-model (needs `gguf`)")
     parser.add_argument("--output-dir", required=True, help="folder to write (must not exist or be empty)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
     parser.add_argument("--projector-type", choices=PROJECTOR_TYPES, help="default: avg_pool")
@@ -95,6 +96,7 @@ def main(argv=None) -> int:
             args.vision_model,
             args.text_model,
             args.output_dir,
+            gguf_file=args.gguf_file,
             overwrite=args.overwrite,
             dtype=args.dtype,
             seed=args.seed,

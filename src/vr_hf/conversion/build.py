@@ -253,6 +253,7 @@ def build_from_parts(
     text_model: str,
     output_dir: str,
     *,
+    gguf_file: str | None = None,
     overwrite: bool = False,
     dtype: str | torch.dtype = "float32",
     seed: int = 0,
@@ -265,6 +266,8 @@ def build_from_parts(
             `SiglipModel`/`CLIPModel` (its vision part is used).
         text_model: Hub id or folder of a decoder-only `*ForCausalLM` checkpoint with its tokenizer.
         output_dir: Folder to write; it must not exist or be empty unless `overwrite=True`.
+        gguf_file: A GGUF file in `text_model` to read the decoder, its config and its tokenizer from (dequantized to
+            float32 by Transformers; needs the `gguf` package), e.g. `"SmolLM2-135M-Instruct.Q4_1.gguf"`.
         overwrite: Replace a non-empty `output_dir` (only once the new checkpoint is fully written).
         dtype: Weight dtype of the written checkpoint (`"float32"`, `"bfloat16"`, `"float16"`, or a `torch.dtype`).
         seed: Seed of the new parts' initialisation.
@@ -285,9 +288,10 @@ def build_from_parts(
     output_dir = _check_output_dir(output_dir, overwrite)
     vision_source = _source(vision_model, "vision_model")
     text_source = _source(text_model, "text_model")
+    text_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     vision_config = _vision_config(_load(AutoConfig.from_pretrained, vision_source, "vision model config"))
-    text_config = _text_config(_load(AutoConfig.from_pretrained, text_source, "text model config"))
-    tokenizer = _load(AutoTokenizer.from_pretrained, text_source, "tokenizer")
+    text_config = _text_config(_load(AutoConfig.from_pretrained, text_source, "text model config", **text_kwargs))
+    tokenizer = _load(AutoTokenizer.from_pretrained, text_source, "tokenizer", **text_kwargs)
     added_tokens = _add_special_tokens(tokenizer)
     old_vocab = text_config.vocab_size
     vocab_size = max(old_vocab, len(tokenizer))
@@ -323,7 +327,9 @@ def build_from_parts(
 
     # 2. Load the parts and check them.
     vision = _load(AutoModel.from_pretrained, vision_source, "vision model", dtype=torch.float32)
-    decoder = _load(AutoModelForCausalLM.from_pretrained, text_source, "text model", dtype=torch.float32)
+    decoder = _load(
+        AutoModelForCausalLM.from_pretrained, text_source, "text model", dtype=torch.float32, **text_kwargs
+    )
     layers = getattr(decoder.base_model, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
         raise ConversionError(
@@ -358,11 +364,13 @@ def build_from_parts(
     model.to(dtype)
 
     processor = build_processor(config, tokenizer, **_image_statistics(vision_source))
-    card = _model_card(model, vision_model, text_model, added_tokens, old_vocab)
+    text_label = os.path.join(os.fspath(text_model), gguf_file) if gguf_file else text_model
+    card = _model_card(model, vision_model, text_label, added_tokens, old_vocab)
 
     record = {
         "vision_model": os.fspath(vision_model),
         "text_model": os.fspath(text_model),
+        "gguf_file": gguf_file,
         "added_tokens": added_tokens,
         "original_vocab_size": old_vocab,
         "config_overrides": config_overrides,

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import SiglipVisionModel, TrainerCallback
+from transformers import TrainerCallback
 
 from . import experiment
+from .decoders import build_model, smollm2_folder
 from .tasks import QUESTIONS, make_split
-from .tower import pretrain_tower, tower_config
+from .tower import pretrain_tower
 
 
 TOWER_SEED, TEST_SEED = 10_000, 20_000
@@ -34,6 +35,7 @@ class Settings:
     test_size: int = 400
     tower_steps: int = 400
     workers: int = 2
+    decoder: str = "tiny"
     output_dir: str = "outputs/vr-hf"
 
 
@@ -58,16 +60,15 @@ class StepReporter(TrainerCallback):
         self.queue.put(1)
 
 
-def run_job(job: Job, settings: Settings, tower_state: dict, queue) -> dict:
+def run_job(job: Job, settings: Settings, tower_dir: str, queue) -> dict:
     """Train and evaluate one model; runs in a worker process."""
     torch.set_num_threads(1)
-    tower = SiglipVisionModel(tower_config())
-    tower.load_state_dict(tower_state)
-    model = experiment.build_model(tower, job.downsample_factor, job.use_vision_remember, job.seed)
-    processor = experiment.processor_for(model.config)
+    scratch = os.path.join(settings.output_dir, "runs", job.name.replace("/", "-").replace(" ", "-"))
+    model, processor = build_model(
+        settings.decoder, tower_dir, job.downsample_factor, job.use_vision_remember, job.seed, scratch
+    )
     train = experiment.AnswerDataset(make_split(settings.train_size, seed=job.seed), processor)
     run = experiment.RunSettings(settings.steps, settings.batch_size, settings.learning_rate, job.seed)
-    scratch = os.path.join(settings.output_dir, "runs", job.name.replace("/", "-").replace(" ", "-"))
     experiment.train(model, train, run, scratch, processor.tokenizer.pad_token_id, [StepReporter(queue)])
     accuracy = experiment.accuracy_by_task(model, processor, make_split(settings.test_size, seed=TEST_SEED))
     if job.save_to:
@@ -101,6 +102,8 @@ def follow_progress(queue, total: int) -> threading.Thread:
 
 def run(settings: Settings) -> list[dict]:
     """Pretrain the tower, train every model, return one result per model."""
+    if settings.decoder == "smollm2":
+        smollm2_folder()  # fail now, not after pretraining the tower
     Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
     print(f"Pretraining the vision tower on patch classification ({settings.tower_steps} steps)...")
     tower, patch_accuracy = pretrain_tower(
@@ -110,6 +113,8 @@ def run(settings: Settings) -> list[dict]:
         os.path.join(settings.output_dir, "runs", "tower"),
     )
     print(f"Tower patch accuracy on held-out images: {patch_accuracy:.1%}; it is frozen from here on.")
+    tower_dir = os.path.join(settings.output_dir, "runs", "tower", "pretrained")
+    tower.save_pretrained(tower_dir)
 
     jobs = jobs_for(settings)
     context = multiprocessing.get_context("spawn")
@@ -117,7 +122,7 @@ def run(settings: Settings) -> list[dict]:
         queue = manager.Queue()
         progress = follow_progress(queue, settings.steps * len(jobs))
         with context.Pool(settings.workers) as pool:
-            pending = [pool.apply_async(run_job, (job, settings, tower.state_dict(), queue)) for job in jobs]
+            pending = [pool.apply_async(run_job, (job, settings, tower_dir, queue)) for job in jobs]
             results = [task.get() for task in pending]
         progress.join(timeout=5)
     for result in results:

