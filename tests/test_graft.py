@@ -275,6 +275,59 @@ def test_training_step_changes_output(checkpoints, name):
 
 
 @pytest.mark.parametrize("name", ["qwen2_5_vl", "minicpmv4_6"])
+def test_sft_trainer_step(checkpoints, name, tmp_path):
+    """TRL's SFTTrainer trains the grafted model: its fused-head loss is the model's own loss on the answer, the step
+    reaches Vision Remember, and the base stays as trained (here: frozen). Batches come from a collator that lays the
+    inputs out as the stock processor does (that processor needs torchvision, which this environment lacks)."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    model = GRAFTED_CLASS[name].from_pretrained(checkpoints["grafted"][name])
+    perturb(model)  # Vision Remember active, so a loss computed without the answer mask would differ
+    model.requires_grad_(False)
+    model.model.vision_remember.requires_grad_(True)
+    inputs = checkpoints["inputs"][name]
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[:, -len(ANSWER) :] = inputs["input_ids"][:, -len(ANSWER) :]
+    batch = {**inputs, "labels": labels}
+    with torch.no_grad():
+        expected_loss = model.eval()(**batch).loss.item()
+    base_before = {key: value.clone() for key, value in model.model.language_model.state_dict().items()}
+    remember_before = [parameter.detach().clone() for parameter in model.model.vision_remember.parameters()]
+
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=1,
+        learning_rate=1e-2,
+        bf16=False,  # SFTConfig's default autocasts to bf16, even on CPU: compare float32 with float32
+        max_length=None,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        remove_unused_columns=False,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+    )
+    dataset = datasets.Dataset.from_list([{"input_ids": inputs["input_ids"][0].tolist()}])
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=dataset, data_collator=lambda rows: dict(batch))
+    guidance = []
+    prepare = model.model.vision_remember.prepare
+    model.model.vision_remember.prepare = lambda *args: guidance.append(args[-1].clone()) or prepare(*args)
+    try:
+        trainer.train()
+    finally:
+        del model.model.vision_remember.prepare
+
+    assert len(guidance) == 1 and not guidance[0][:, -len(ANSWER) :].any(), "the answer fed the text-guided token"
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert logged == [pytest.approx(expected_loss, rel=1e-6)]
+    after = list(model.model.vision_remember.parameters())
+    assert any(not torch.equal(old, new) for old, new in zip(remember_before, after))
+    assert all(torch.equal(base_before[key], value) for key, value in model.model.language_model.state_dict().items())
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "minicpmv4_6"])
 def test_strip_gives_back_the_original(checkpoints, name):
     folder = checkpoints["stripped"][name]
     config = json.loads((folder / "config.json").read_text())
