@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
@@ -19,7 +18,6 @@ from transformers import (
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
-    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
     SiglipVisionConfig,
@@ -28,6 +26,7 @@ from transformers import (
 
 from vr_hf import VisionRememberForConditionalGeneration
 from vr_hf.conversion import ConversionError, build_from_parts
+from vr_hf.tiny import byte_tokenizer
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,16 +34,6 @@ CLI = ROOT / "conversion" / "build_llava_vr.py"
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
 PINPOINTS = [[36, 72], [72, 36], [72, 72]]
 TINY = dict(remember_after_layers=[0, 2], cross_attention_heads=4)
-
-
-def part_tokenizer(special_tokens: list[str], eos: str, pad: str) -> PreTrainedTokenizerFast:
-    """Byte-level, like `vr_hf.tiny.byte_tokenizer`, but without the vision tokens: the conversion must add them."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    tokenizer = Tokenizer(models.BPE(vocab={symbol: i for i, symbol in enumerate(sorted(alphabet))}, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(special_tokens)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos, pad_token=pad, padding_side="left")
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +52,8 @@ def parts(tmp_path_factory):
     )
     SiglipVisionModel(vision).save_pretrained(root / "siglip")
 
-    qwen_tokenizer = part_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|im_end|>", "<|endoftext|>")
+    # Byte-level tokenizers without the vision tokens: the conversion must add them.
+    qwen_tokenizer = byte_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     qwen = Qwen2ForCausalLM(
         Qwen2Config(
             vocab_size=len(qwen_tokenizer),
@@ -79,7 +69,7 @@ def parts(tmp_path_factory):
     qwen_tokenizer.save_pretrained(root / "qwen2")
 
     # No ChatML tokens either, and a vocabulary larger than the tokenizer (as Qwen2's padded one is).
-    llama_tokenizer = part_tokenizer(["<|endoftext|>"], "<|endoftext|>", "<|endoftext|>")
+    llama_tokenizer = byte_tokenizer(["<|endoftext|>"], eos_token="<|endoftext|>")
     llama = LlamaForCausalLM(
         LlamaConfig(
             vocab_size=len(llama_tokenizer) + 2,

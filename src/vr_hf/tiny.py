@@ -9,16 +9,19 @@ from .modeling.configuration_vision_remember import VisionRememberConfig
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
 
 
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer (256 byte tokens, then the Qwen2-VL special tokens): real encoding, tiny vocabulary."""
+def byte_tokenizer(
+    special_tokens: list[str] = SPECIAL_TOKENS, eos_token: str = "<|im_end|>", pad_token: str = "<|endoftext|>"
+) -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (256 byte tokens, then `special_tokens`, by default the Qwen2-VL ones): real encoding,
+    tiny vocabulary."""
     byte_to_unicode = pre_tokenizers.ByteLevel.alphabet()
     vocab = {symbol: index for index, symbol in enumerate(sorted(byte_to_unicode))}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(SPECIAL_TOKENS)
+    tokenizer.add_special_tokens(special_tokens)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left"
+        tokenizer_object=tokenizer, eos_token=eos_token, pad_token=pad_token, padding_side="left"
     )
 
 
