@@ -182,8 +182,8 @@ def plot(table: dict, path: str):
         axis.set_title(f"compression 1/{ratio**2}")
         axis.set_ylim(0, 105)
     axes[0][0].set_ylabel("held-out accuracy (%)")
-    axes[0][0].legend(loc="lower left", fontsize=8)
-    figure.tight_layout()
+    figure.legend(*axes[0][0].get_legend_handles_labels(), loc="upper center", ncol=2, fontsize=8, frameon=False)
+    figure.tight_layout(rect=(0, 0, 1, 0.92))
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
