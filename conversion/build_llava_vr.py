@@ -7,7 +7,8 @@ import json
 import sys
 
 from vr_hf.conversion import build_from_parts
-from vr_hf.modeling.configuration_vision_remember import INTERACTION_TYPES, PROJECTOR_TYPES
+from vr_hf.conversion.cli import add_output_arguments, add_vision_remember_arguments, run, vision_remember_settings
+from vr_hf.modeling.configuration_vision_remember import PROJECTOR_TYPES
 
 
 EPILOG = """example:
@@ -41,21 +42,10 @@ def parse_args(argv=None):
     )
     parser.add_argument("--text-model", required=True, help="Hub id or folder of a *ForCausalLM with its tokenizer")
     parser.add_argument("--gguf-file", help="read the decoder from this GGUF file in --text-model (needs `gguf`)")
-    parser.add_argument("--output-dir", required=True, help="folder to write (must not exist or be empty)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    add_output_arguments(parser)
     parser.add_argument("--projector-type", choices=PROJECTOR_TYPES, help="default: avg_pool")
     parser.add_argument("--downsample-factor", type=int, help="window side s, ratio 1/s^2 (default 3)")
-    parser.add_argument(
-        "--remember-after-layers", type=int, nargs="+", metavar="LAYER", help="0-based decoder layers (default 0 3)"
-    )
-    parser.add_argument(
-        "--vision-feature-layers",
-        type=int,
-        nargs="+",
-        metavar="LAYER",
-        help="vision hidden_states indices of the multi-level features (default: ends of the tower's thirds)",
-    )
-    parser.add_argument("--interaction", choices=INTERACTION_TYPES, help="default: local")
+    add_vision_remember_arguments(parser)
     parser.add_argument("--no-vision-remember", action="store_true", help="build the plain compressed baseline")
     anyres = parser.add_mutually_exclusive_group()
     anyres.add_argument("--anyres", action="store_true", help="AnyRes with views in grids up to 2x2 (LLaVA-NeXT)")
@@ -72,18 +62,16 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    overrides = {
-        name: value
+    overrides = vision_remember_settings(args)
+    overrides.update(
+        (name, value)
         for name, value in dict(
             projector_type=args.projector_type,
             downsample_factor=args.downsample_factor,
-            remember_after_layers=args.remember_after_layers,
-            vision_feature_layers=args.vision_feature_layers,
-            interaction=args.interaction,
             image_grid_pinpoints=args.image_grid_pinpoints,
         ).items()
         if value is not None
-    }
+    )
     if args.no_vision_remember:
         overrides["use_vision_remember"] = False
     if args.anyres:
@@ -91,22 +79,17 @@ def main(argv=None) -> int:
 
         config = AutoConfig.from_pretrained(args.vision_model)
         overrides["image_grid_pinpoints"] = anyres_pinpoints(getattr(config, "vision_config", config).image_size)
-    try:
-        output = build_from_parts(
-            args.vision_model,
-            args.text_model,
-            args.output_dir,
-            gguf_file=args.gguf_file,
-            overwrite=args.overwrite,
-            dtype=args.dtype,
-            seed=args.seed,
-            **overrides,
-        )
-    except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"Wrote {output}")
-    return 0
+    return run(
+        build_from_parts,
+        args.vision_model,
+        args.text_model,
+        args.output_dir,
+        gguf_file=args.gguf_file,
+        overwrite=args.overwrite,
+        dtype=args.dtype,
+        seed=args.seed,
+        **overrides,
+    )
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from vr_hf.conversion import strip_vision_remember
-from vr_hf.conversion.cli import run
+from vr_hf.conversion.cli import add_output_arguments, run
 
 
 EPILOG = """example:
@@ -21,8 +21,7 @@ def main(argv=None) -> int:
         description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--source", required=True, help="folder or Hub id of a grafted checkpoint")
-    parser.add_argument("--output-dir", required=True, help="folder to write (must not exist or be empty)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     return run(strip_vision_remember, args.source, args.output_dir, overwrite=args.overwrite)
 

@@ -1,4 +1,4 @@
-"""Arguments and error handling shared by the graft and strip commands in `conversion/`."""
+"""Arguments and error handling shared by the commands in `conversion/`."""
 
 import argparse
 import sys
@@ -6,13 +6,16 @@ import sys
 from ..modeling.configuration_vision_remember import INTERACTION_TYPES
 
 
-def graft_parser(description: str, epilog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--source", required=True, help="Hub id or folder of the native checkpoint")
+SWITCHES = ("multi_level", "bidirectional", "text_guidance", "identity_init")
+
+
+def add_output_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--output-dir", required=True, help="folder to write (must not exist or be empty)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+
+
+def add_vision_remember_arguments(parser: argparse.ArgumentParser):
+    """The Vision Remember settings every command that adds the blocks takes; `vision_remember_settings` reads them."""
     parser.add_argument(
         "--remember-after-layers", type=int, nargs="+", metavar="LAYER", help="0-based decoder layers (default 0 3)"
     )
@@ -25,23 +28,32 @@ def graft_parser(description: str, epilog: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--interaction", choices=INTERACTION_TYPES, help="default: local")
     parser.add_argument("--cross-attention-heads", type=int, help="default 8; must divide the feature width")
-    for switch in ("multi-level", "bidirectional", "text-guidance", "identity-init"):
-        parser.add_argument(f"--no-{switch}", action="store_true", help=f"turn {switch.replace('-', ' ')} off")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the new blocks' initialisation")
-    return parser
+    for switch in SWITCHES:
+        parser.add_argument(f"--no-{switch.replace('_', '-')}", action="store_true", help=f"turn {switch} off")
 
 
-def graft_settings(args: argparse.Namespace) -> dict:
-    """The `VisionRememberGraftConfig` fields the command line sets."""
+def vision_remember_settings(args: argparse.Namespace) -> dict:
+    """The config fields that `add_vision_remember_arguments`' arguments set."""
     settings = {
         name: getattr(args, name)
         for name in ("remember_after_layers", "vision_feature_layers", "interaction", "cross_attention_heads")
         if getattr(args, name) is not None
     }
-    for switch in ("multi_level", "bidirectional", "text_guidance", "identity_init"):
+    for switch in SWITCHES:
         if getattr(args, f"no_{switch}"):
             settings[switch] = False
     return settings
+
+
+def graft_parser(description: str, epilog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--source", required=True, help="Hub id or folder of the native checkpoint")
+    add_output_arguments(parser)
+    add_vision_remember_arguments(parser)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the new blocks' initialisation")
+    return parser
 
 
 def run(conversion, *args, **kwargs) -> int:
@@ -59,5 +71,10 @@ def graft_command(conversion, description: str, epilog: str, argv=None) -> int:
     """A graft command line: parse the shared arguments, run `conversion`, report."""
     args = graft_parser(description, epilog).parse_args(argv)
     return run(
-        conversion, args.source, args.output_dir, overwrite=args.overwrite, seed=args.seed, **graft_settings(args)
+        conversion,
+        args.source,
+        args.output_dir,
+        overwrite=args.overwrite,
+        seed=args.seed,
+        **vision_remember_settings(args),
     )
