@@ -90,7 +90,8 @@ class VisionRememberGraftPreTrainedMixin:
 
 
 class VisionRememberGraftModelMixin(VisionRememberGraftPreTrainedMixin):
-    """Adds `vision_remember` to a native model that has a decoder at `language_model.layers`."""
+    """Adds `vision_remember` to a native model that has a decoder at `language_model.layers`. The backbone defines
+    `encode_images(pixel_values, **kwargs)`: its `get_image_features`, called with the native forward's arguments."""
 
     def graft_vision_remember(self):
         """Call at the end of `__init__`, after the native model is built."""
@@ -104,6 +105,38 @@ class VisionRememberGraftModelMixin(VisionRememberGraftPreTrainedMixin):
         if self.config.interaction == "global":
             return global_windows(rows_per_image, tokens_per_image, local.device)
         return local
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        prompt_length: int | None = None,
+        mm_encoder_outputs: dict | None = None,
+        **kwargs,
+    ):
+        r"""
+        Takes every argument of the native model's `forward`, and:
+
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Only used to keep answers out of the text-guided token. The loss is the head's.
+        prompt_length (`int`, *optional*):
+            Positions from `prompt_length` on are generated text and never feed the text-guided token. Set by
+            `generate()`.
+        """
+        if pixel_values is not None and mm_encoder_outputs is None:
+            mm_encoder_outputs, pixel_values = {"image": self.encode_images(pixel_values, **kwargs)}, None
+        context = self.remember_context(input_ids, attention_mask, labels, prompt_length, mm_encoder_outputs)
+        if context is not None:
+            kwargs["vision_remember"] = context
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            mm_encoder_outputs=mm_encoder_outputs,
+            **kwargs,
+        )
 
     def remember_context(
         self, input_ids, attention_mask, labels, prompt_length, mm_encoder_outputs: dict | None

@@ -64,42 +64,11 @@ class VisionRememberMiniCPMV4_6Model(VisionRememberGraftModelMixin, MiniCPMV4_6M
         window_index = self.windows(local, rows, [count // side**2 for count in rows])
         return RememberImageOutputs(**outputs, remember_features=features, window_index=window_index)
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        target_sizes: torch.IntTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        downsample_mode: str | None = None,
-        labels: torch.LongTensor | None = None,
-        prompt_length: int | None = None,
-        mm_encoder_outputs: dict | None = None,
-        **kwargs,
+    def encode_images(
+        self, pixel_values: torch.Tensor, target_sizes: torch.IntTensor, downsample_mode: str | None = None, **kwargs
     ):
-        r"""
-        Takes every argument of [`MiniCPMV4_6Model.forward`], and:
-
-        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-            Only used to keep answers out of the text-guided token. The loss is the head's.
-        prompt_length (`int`, *optional*):
-            Positions from `prompt_length` on are generated text and never feed the text-guided token. Set by
-            `generate()`.
-        """
-        if pixel_values is not None and mm_encoder_outputs is None:
-            image = self.get_image_features(pixel_values[:1], target_sizes, downsample_mode=downsample_mode)
-            mm_encoder_outputs, pixel_values = {"image": image}, None
-        context = self.remember_context(input_ids, attention_mask, labels, prompt_length, mm_encoder_outputs)
-        if context is not None:
-            kwargs["vision_remember"] = context
-        return super().forward(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            target_sizes=target_sizes,
-            attention_mask=attention_mask,
-            downsample_mode=downsample_mode,
-            mm_encoder_outputs=mm_encoder_outputs,
-            **kwargs,
-        )
+        """`get_image_features`, called as the native forward calls it."""
+        return self.get_image_features(pixel_values[:1], target_sizes, downsample_mode=downsample_mode)
 
 
 class VisionRememberMiniCPMV4_6ForConditionalGeneration(

@@ -57,40 +57,9 @@ class VisionRememberQwen2_5_VLModel(VisionRememberGraftModelMixin, Qwen2_5_VLMod
         window_index = self.windows(local, [count * unit for count in tokens], tokens)
         return RememberImageOutputs(**outputs, remember_features=features, window_index=window_index)
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        image_grid_thw: torch.LongTensor | None = None,
-        labels: torch.LongTensor | None = None,
-        prompt_length: int | None = None,
-        mm_encoder_outputs: dict | None = None,
-        **kwargs,
-    ):
-        r"""
-        Takes every argument of [`Qwen2_5_VLModel.forward`], and:
-
-        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-            Only used to keep answers out of the text-guided token. The loss is the head's.
-        prompt_length (`int`, *optional*):
-            Positions from `prompt_length` on are generated text and never feed the text-guided token. Set by
-            `generate()`.
-        """
-        if pixel_values is not None and mm_encoder_outputs is None:
-            mm_encoder_outputs = {"image": self.get_image_features(pixel_values, image_grid_thw, return_dict=True)}
-            pixel_values = None
-        context = self.remember_context(input_ids, attention_mask, labels, prompt_length, mm_encoder_outputs)
-        if context is not None:
-            kwargs["vision_remember"] = context
-        return super().forward(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            image_grid_thw=image_grid_thw,
-            mm_encoder_outputs=mm_encoder_outputs,
-            **kwargs,
-        )
+    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor, **kwargs):
+        """`get_image_features`, called as the native forward calls it."""
+        return self.get_image_features(pixel_values, image_grid_thw, return_dict=True)
 
 
 class VisionRememberQwen2_5_VLForConditionalGeneration(
