@@ -25,16 +25,33 @@ from .vision_remember import RememberContext, VisionRemember, init_vision_rememb
 @dataclass
 class RememberImageOutputs(BaseModelOutputWithPooling):
     r"""
-    The native `get_image_features` outputs, plus what Vision Remember reads:
+    The native `get_image_features` outputs, plus what Vision Remember reads, per image like `pooler_output` (so that
+    generation can regroup them per beam or returned sequence the same way):
 
-    remember_features (`torch.FloatTensor` of shape `(num_feature_positions, L * Dv)`):
-        The multi-level vision features of all images.
-    window_index (`torch.LongTensor` of shape `(num_vision_tokens, window)`):
-        Each vision token's rows of `remember_features`, -1 where none.
+    remember_features (`tuple(torch.FloatTensor)`, one of shape `(feature_rows, L * Dv)` per image):
+        The multi-level vision features of each image.
+    window_index (`tuple(torch.LongTensor)`, one of shape `(vision_tokens, window)` per image):
+        Each of the image's vision tokens' rows of its `remember_features`, -1 where none.
     """
 
-    remember_features: torch.FloatTensor | None = None
-    window_index: torch.LongTensor | None = None
+    remember_features: tuple[torch.FloatTensor, ...] | None = None
+    window_index: tuple[torch.LongTensor, ...] | None = None
+
+    def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All images' features `(rows, L * Dv)` and every token's window of them `(tokens, widest window)`."""
+        width = max(window.shape[1] for window in self.window_index)
+        start, windows = 0, []
+        for features, window in zip(self.remember_features, self.window_index):
+            shifted = torch.where(window == NO_WINDOW, NO_WINDOW, window + start)
+            windows.append(F.pad(shifted, (0, width - window.shape[1]), value=NO_WINDOW))
+            start += len(features)
+        return torch.cat(self.remember_features), torch.cat(windows)
+
+    def select_images(self, order: list[int]):
+        """Keep images `order` (repeats allowed), in that order."""
+        self.pooler_output = [self.pooler_output[index] for index in order]
+        self.remember_features = tuple(self.remember_features[index] for index in order)
+        self.window_index = tuple(self.window_index[index] for index in order)
 
 
 def _keep_input(states: dict, index: int, module, args):
@@ -70,16 +87,6 @@ def block_windows(height: int, width: int, side: int, device=None) -> torch.Tens
     return grid.permute(0, 2, 1, 3).reshape(-1, side * side)
 
 
-def global_windows(rows_per_image: list[int], tokens_per_image: list[int], device=None) -> torch.Tensor:
-    """Every feature row of its image for each token, padded with `NO_WINDOW`: `(num_tokens, max(rows_per_image))`."""
-    width, start, windows = max(rows_per_image), 0, []
-    for rows, tokens in zip(rows_per_image, tokens_per_image):
-        window = F.pad(torch.arange(start, start + rows, device=device), (0, width - rows), value=NO_WINDOW)
-        windows.append(window.expand(tokens, width))
-        start += rows
-    return torch.cat(windows)
-
-
 class VisionRememberGraftPreTrainedMixin:
     """Initialises the Vision Remember weights; goes first in the bases of both the model and its head."""
 
@@ -100,11 +107,15 @@ class VisionRememberGraftModelMixin(VisionRememberGraftPreTrainedMixin):
         self.vision_remember.attach(self.language_model.layers)
         self.post_init()
 
-    def windows(self, local: torch.Tensor, rows_per_image: list[int], tokens_per_image: list[int]) -> torch.Tensor:
-        """Each token's window: its own patch block (`local`), or its whole image for `interaction="global"`."""
-        if self.config.interaction == "global":
-            return global_windows(rows_per_image, tokens_per_image, local.device)
-        return local
+    def windows(self, local: list[torch.Tensor], rows_per_image: list[int]) -> tuple[torch.Tensor, ...]:
+        """Each image's token windows: each token's own patch block (`local`), or, for `interaction="global"`, every
+        row of the image."""
+        if self.config.interaction != "global":
+            return tuple(local)
+        return tuple(
+            torch.arange(rows, device=window.device).expand(len(window), rows)
+            for window, rows in zip(local, rows_per_image)
+        )
 
     def forward(
         self,
@@ -161,9 +172,8 @@ class VisionRememberGraftModelMixin(VisionRememberGraftPreTrainedMixin):
         guidance = prompt_mask(input_ids, image_token_id, attention_mask, labels, prompt_length)
         if getattr(self.config, "video_token_id", None) is not None:
             guidance &= input_ids != self.config.video_token_id
-        return self.vision_remember.prepare(
-            image.remember_features, token_batch, token_position, image.window_index, guidance
-        )
+        features, window_index = image.packed()
+        return self.vision_remember.prepare(features, token_batch, token_position, window_index, guidance)
 
 
 class VisionRememberGraftForConditionalGenerationMixin(VisionRememberGraftPreTrainedMixin):
@@ -182,6 +192,21 @@ class VisionRememberGraftForConditionalGenerationMixin(VisionRememberGraftPreTra
             kwargs.setdefault("prompt_length", input_ids.shape[1])
         return super().generate(inputs, **kwargs)
 
+    def _expand_multimodal_outputs(self, input_ids, mm_encoder_output: dict, expand_size: int = 1, **kwargs) -> dict:
+        """Generation encodes the images once and regroups `pooler_output` per sample for each beam or returned
+        sequence: regroup the Vision Remember features the same way. Markers in place of `pooler_output` (same lengths,
+        filled with the image's index) say where each image went."""
+        image = mm_encoder_output.get("image")
+        if getattr(image, "remember_features", None) is None:
+            return super()._expand_multimodal_outputs(input_ids, mm_encoder_output, expand_size, **kwargs)
+        pooled = list(image.pooler_output)
+        image.pooler_output = [torch.full((len(tokens),), index) for index, tokens in enumerate(pooled)]
+        mm_encoder_output = super()._expand_multimodal_outputs(input_ids, mm_encoder_output, expand_size, **kwargs)
+        order = [int(marker[0]) for marker in image.pooler_output]
+        image.pooler_output = pooled
+        image.select_images(order)
+        return mm_encoder_output
+
     def _validate_model_kwargs(self, model_kwargs: dict):
         """The native head's forward takes `prompt_length` through `**kwargs` and hands it to `self.model`."""
         model_kwargs.pop("prompt_length", None)
@@ -194,5 +219,4 @@ __all__ = [
     "VisionRememberGraftModelMixin",
     "block_windows",
     "capture_hidden_states",
-    "global_windows",
 ]

@@ -42,8 +42,8 @@ class VisionRememberMiniCPMV4_6Model(VisionRememberGraftModelMixin, MiniCPMV4_6M
     def get_image_features(
         self, pixel_values: torch.Tensor, target_sizes: torch.IntTensor, downsample_mode: str | None = None, **kwargs
     ) -> RememberImageOutputs:
-        """[`MiniCPMV4_6Model.get_image_features`], plus the multi-level features `(patches, L * C)` of all images in
-        order and each token's window of them."""
+        """[`MiniCPMV4_6Model.get_image_features`], plus each image's multi-level features `(patches, L * C)` and each
+        token's window of them."""
         mode = downsample_mode or self.config.downsample_mode
         if mode not in PATCHES_PER_TOKEN_SIDE:
             raise ValueError(f"downsample_mode={mode!r} is unknown: use one of {tuple(PATCHES_PER_TOKEN_SIDE)}.")
@@ -54,15 +54,10 @@ class VisionRememberMiniCPMV4_6Model(VisionRememberGraftModelMixin, MiniCPMV4_6M
         side = PATCHES_PER_TOKEN_SIDE[mode]
         sizes = target_sizes.tolist()
         rows = [height * width for height, width in sizes]
-        starts = torch.tensor([0] + rows).cumsum(0).tolist()
-        local = torch.cat(
-            [
-                block_windows(height, width, side, features.device) + start
-                for (height, width), start in zip(sizes, starts)
-            ]
+        local = [block_windows(height, width, side, features.device) for height, width in sizes]
+        return RememberImageOutputs(
+            **outputs, remember_features=features.split(rows), window_index=self.windows(local, rows)
         )
-        window_index = self.windows(local, rows, [count // side**2 for count in rows])
-        return RememberImageOutputs(**outputs, remember_features=features, window_index=window_index)
 
     def encode_images(
         self, pixel_values: torch.Tensor, target_sizes: torch.IntTensor, downsample_mode: str | None = None, **kwargs

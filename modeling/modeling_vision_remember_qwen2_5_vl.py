@@ -38,8 +38,8 @@ class VisionRememberQwen2_5_VLModel(VisionRememberGraftModelMixin, Qwen2_5_VLMod
     def get_image_features(
         self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor | None = None, **kwargs
     ) -> RememberImageOutputs:
-        """[`Qwen2_5_VLModel.get_image_features`], plus the multi-level features `(patches, L * C)` in token order and
-        each token's window of them."""
+        """[`Qwen2_5_VLModel.get_image_features`], plus each image's multi-level features `(patches, L * C)` in token
+        order and each token's window of them."""
         visual, layers = self.visual, self.config.remember_feature_layers
         with capture_hidden_states(visual.blocks, layers) as states:
             outputs = super().get_image_features(pixel_values, image_grid_thw, **{**kwargs, "return_dict": True})
@@ -52,10 +52,11 @@ class VisionRememberQwen2_5_VLModel(VisionRememberGraftModelMixin, Qwen2_5_VLMod
             [states[layer].view(-1, unit, states[layer].shape[-1])[token_order].flatten(0, 1) for layer in layers],
             dim=-1,
         )
-        tokens = [len(image) for image in outputs.pooler_output]
-        local = torch.arange(features.shape[0], device=features.device).view(-1, unit)
-        window_index = self.windows(local, [count * unit for count in tokens], tokens)
-        return RememberImageOutputs(**outputs, remember_features=features, window_index=window_index)
+        rows = [len(image) * unit for image in outputs.pooler_output]
+        local = [torch.arange(count, device=features.device).view(-1, unit) for count in rows]
+        return RememberImageOutputs(
+            **outputs, remember_features=features.split(rows), window_index=self.windows(local, rows)
+        )
 
     def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor, **kwargs):
         """`get_image_features`, called as the native forward calls it."""

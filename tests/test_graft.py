@@ -25,6 +25,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from vr_hf import VisionRememberMiniCPMV4_6ForConditionalGeneration, VisionRememberQwen2_5_VLForConditionalGeneration
 from vr_hf.conversion import ConversionError, graft_minicpmv4_6, graft_qwen2_5_vl, strip_vision_remember
 from vr_hf.conversion.graft import CarriedFiles
+from vr_hf.modeling.modeling_vision_remember_graft import RememberImageOutputs
 from vr_hf.modeling.vision_remember import OutputProjection
 from vr_hf.tiny import byte_tokenizer
 
@@ -247,7 +248,8 @@ def test_each_token_window_is_its_own_patch_block(checkpoints, name, mode, side)
             image = model.model.get_image_features(
                 inputs["pixel_values"], inputs["target_sizes"], downsample_mode=mode
             )
-    coordinates = image.remember_features[:, :2][image.window_index].round().long()  # (tokens, side**2, 2)
+    features, window_index = image.packed()
+    coordinates = features[:, :2][window_index].round().long()  # (tokens, side**2, 2)
 
     token_rows, token_cols = torch.meshgrid(torch.arange(rows // side), torch.arange(cols // side), indexing="ij")
     offset_rows, offset_cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
@@ -255,6 +257,22 @@ def test_each_token_window_is_its_own_patch_block(checkpoints, name, mode, side)
     expected_cols = token_cols.reshape(-1, 1) * side + offset_cols.reshape(1, -1)
     assert len(image.pooler_output[0]) == (rows // side) * (cols // side) == len(coordinates)
     assert torch.equal(coordinates, torch.stack([expected_rows, expected_cols], dim=-1))
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "minicpmv4_6"])
+def test_global_windows_are_the_whole_image(checkpoints, name):
+    config = GRAFTED_CLASS[name].config_class.from_pretrained(checkpoints["grafted"][name], interaction="global")
+    model = GRAFTED_CLASS[name](config).eval()
+    pixels = {
+        key: value
+        for key, value in checkpoints["inputs"][name].items()
+        if key not in ("input_ids", "attention_mask", "mm_token_type_ids")
+    }
+    with torch.no_grad():
+        image = model.model.encode_images(**pixels)
+    (features,), (windows,) = image.remember_features, image.window_index
+    assert len(windows) == len(image.pooler_output[0])
+    assert torch.equal(windows, torch.arange(len(features)).expand(len(windows), -1))
 
 
 @pytest.mark.parametrize("name", ["qwen2_5_vl", "minicpmv4_6"])
@@ -352,14 +370,49 @@ def test_generation_after_grafting(checkpoints, name):
         inputs["mm_token_type_ids"] = inputs["mm_token_type_ids"][:, :prompt_length]
     native = native_model(checkpoints, name)
     model = GRAFTED_CLASS[name].from_pretrained(checkpoints["grafted"][name]).eval()
-    expected = native.generate(**inputs, max_new_tokens=4, do_sample=False)
-    assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), expected)
+    for search in (dict(do_sample=False), dict(num_beams=2, num_return_sequences=2)):
+        expected = native.generate(**inputs, max_new_tokens=4, **search)
+        assert torch.equal(model.generate(**inputs, max_new_tokens=4, **search), expected)
 
     perturb(model)  # Vision Remember active: generate's prefill must run it, as a plain forward does
     with torch.no_grad():
-        first = model(**inputs).logits[:, -1].argmax(-1)
+        logits = model(**inputs).logits[:, -1]
     generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    assert generated.shape == expected.shape and torch.equal(generated[:, prompt_length], first)
+    assert generated.shape[1] == prompt_length + 4 and torch.equal(generated[:, prompt_length], logits.argmax(-1))
+    # Beam search expands the inputs per beam; its first step keeps the two most likely tokens of the same prefill.
+    beams = model.generate(**inputs, max_new_tokens=1, num_beams=2, num_return_sequences=2)
+    assert torch.equal(beams[:, prompt_length], logits.topk(2).indices.flatten())
+
+
+def test_beam_search_keeps_each_sample_with_its_own_image(checkpoints):
+    """Generation encodes the images once, then regroups them per beam: each sample's beams must read its own."""
+    name = "qwen2_5_vl"
+    samples = [image_inputs(name, image) for image in (random_image(56, 84), coded_image(4, 6, 14))]
+    inputs = {key: torch.cat([sample[key] for sample in samples]) for key in samples[0]}
+    prompt_length = inputs["input_ids"].shape[1] - len(ANSWER)
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        inputs[key] = inputs[key][:, :prompt_length]
+    model = GRAFTED_CLASS[name].from_pretrained(checkpoints["grafted"][name]).eval()
+    perturb(model)
+    with torch.no_grad():
+        logits = model(**inputs).logits[:, -1]
+    assert not torch.equal(logits[0], logits[1])
+    beams = model.generate(**inputs, max_new_tokens=1, num_beams=3, num_return_sequences=3)
+    assert torch.equal(beams[:, prompt_length], logits.topk(3).indices.flatten())
+
+
+def test_image_outputs_pack_and_regroup_per_image():
+    """Per-image features and windows (as `get_image_features` returns them) pack into one table with shifted rows."""
+    features = (torch.zeros(4, 2), torch.ones(3, 2))
+    windows = (torch.tensor([[0, 1], [2, 3]]), torch.tensor([[0, 1, 2]]))
+    pooled = [torch.zeros(2), torch.zeros(1)]
+    image = RememberImageOutputs(pooler_output=pooled, remember_features=features, window_index=windows)
+    packed_features, packed_windows = image.packed()
+    assert torch.equal(packed_features, torch.cat(features))
+    assert torch.equal(packed_windows, torch.tensor([[0, 1, -1], [2, 3, -1], [4, 5, 6]]))
+    image.select_images([1, 0, 1])
+    assert [len(tokens) for tokens in image.pooler_output] == [1, 2, 1]
+    assert torch.equal(image.packed()[1], torch.tensor([[0, 1, 2], [3, 4, -1], [5, 6, -1], [7, 8, 9]]))
 
 
 def test_bad_input_raises_and_writes_nothing(checkpoints, tmp_path, monkeypatch):
