@@ -80,6 +80,16 @@ def test_cached_generation_equals_uncached(prompt_batch):
     torch.testing.assert_close(cached_logits, uncached_logits, atol=1e-4, rtol=1e-4)
 
 
+def test_beam_search_keeps_each_sample_with_its_own_image(prompt_batch):
+    """Beams expand each sample with its image: the first step keeps the top tokens of each sample's own prefill."""
+    model = active_model()
+    with torch.no_grad():
+        logits = model(**prompt_batch).logits[:, -1]
+    assert not torch.equal(logits[0], logits[1])
+    beams = model.generate(**prompt_batch, max_new_tokens=1, num_beams=3, num_return_sequences=3)
+    assert torch.equal(beams[:, prompt_batch["input_ids"].shape[1]], logits.topk(3).indices.flatten())
+
+
 def test_left_padded_batch_equals_samples_one_by_one(processor, images):
     model = active_model()
     prompts = [
