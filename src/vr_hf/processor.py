@@ -1,9 +1,18 @@
 """Build a `VisionRememberProcessor` that matches a `VisionRememberConfig`."""
 
-from transformers import LlavaNextImageProcessor, SiglipImageProcessor
+from transformers.utils import is_torchvision_available
 
 from .modeling.configuration_vision_remember import VisionRememberConfig
 from .modeling.processing_vision_remember import VisionRememberProcessor
+
+
+# Without torchvision, Transformers falls back to the PIL backends with a warning at import: take them directly. Both
+# save the same `image_processor_type`, so a checkpoint loads with torchvision wherever it is installed.
+if is_torchvision_available():
+    from transformers import LlavaNextImageProcessor, SiglipImageProcessor
+else:
+    from transformers import LlavaNextImageProcessorPil as LlavaNextImageProcessor
+    from transformers import SiglipImageProcessorPil as SiglipImageProcessor
 
 
 def build_image_processor(config: VisionRememberConfig, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)):
