@@ -118,7 +118,7 @@ def run(settings: Settings) -> list[dict]:
 
     jobs = jobs_for(settings)
     context = multiprocessing.get_context("spawn")
-    with multiprocessing.Manager() as manager:
+    with context.Manager() as manager:
         queue = manager.Queue()
         progress = follow_progress(queue, settings.steps * len(jobs))
         with context.Pool(settings.workers) as pool:
