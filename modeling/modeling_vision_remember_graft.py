@@ -190,6 +190,12 @@ class VisionRememberGraftForConditionalGenerationMixin(VisionRememberGraftPreTra
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         if input_ids is not None and kwargs.get("pixel_values") is not None:
             kwargs.setdefault("prompt_length", input_ids.shape[1])
+            generation_config = kwargs.get("generation_config") or self.generation_config
+            if kwargs.get("prefill_chunk_size") or getattr(generation_config, "prefill_chunk_size", None):
+                raise ValueError(
+                    "Vision Remember reads the whole prompt in one prefill (its text-guided token pools all of it), "
+                    "so chunked prefill cannot run it: generate with prefill_chunk_size=None."
+                )
         return super().generate(inputs, **kwargs)
 
     def _expand_multimodal_outputs(self, input_ids, mm_encoder_output: dict, expand_size: int = 1, **kwargs) -> dict:

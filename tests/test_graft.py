@@ -382,6 +382,8 @@ def test_generation_after_grafting(checkpoints, name):
     # Beam search expands the inputs per beam; its first step keeps the two most likely tokens of the same prefill.
     beams = model.generate(**inputs, max_new_tokens=1, num_beams=2, num_return_sequences=2)
     assert torch.equal(beams[:, prompt_length], logits.topk(2).indices.flatten())
+    with pytest.raises(ValueError, match="chunked prefill cannot run it"):
+        model.generate(**inputs, max_new_tokens=1, prefill_chunk_size=4)
 
 
 def test_beam_search_keeps_each_sample_with_its_own_image(checkpoints):
