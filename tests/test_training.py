@@ -162,8 +162,9 @@ def test_llava_json_raise_names_the_row(tmp_path, bad_id, reason):
 # ---------------------------------------------------------------------------------------------- TRL SFTTrainer
 
 
-def run_sft_step(tmp_path_factory):
-    """One SFTTrainer step (assistant-only loss) on the tiny model, recording what reaches `model.model`."""
+def run_sft_step(tmp_path_factory, from_folder: bool = False):
+    """One SFTTrainer step (assistant-only loss) on the tiny model, recording what reaches `model.model`. With
+    `from_folder`, the trainer gets the saved checkpoint's path and loads model and processor with remote code."""
     datasets = pytest.importorskip("datasets")
     trl = pytest.importorskip("trl")
 
@@ -179,8 +180,15 @@ def run_sft_step(tmp_path_factory):
     ]
     dataset = datasets.Dataset.from_list(rows)
 
+    trainer_inputs = dict(model=model, processing_class=processor)
+    if from_folder:
+        folder = tmp_path_factory.mktemp("checkpoint")
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        trainer_inputs = dict(model=str(folder))
     args = trl.SFTConfig(
         output_dir=str(tmp_path_factory.mktemp("sft")),
+        trust_remote_code=from_folder,
         assistant_only_loss=True,
         max_steps=1,
         per_device_train_batch_size=2,
@@ -193,7 +201,7 @@ def run_sft_step(tmp_path_factory):
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor)
+    trainer = trl.SFTTrainer(args=args, train_dataset=dataset, **trainer_inputs)
 
     calls = []
     base = trainer.model.model
@@ -224,6 +232,18 @@ def run_sft_step(tmp_path_factory):
 def sft_step(tmp_path_factory):
     """Plain TRL: what SFTTrainer does to a Vision Remember model out of the box."""
     return run_sft_step(tmp_path_factory)
+
+
+def test_sft_trainer_loads_a_checkpoint_path_with_remote_code(sft_step, tmp_path_factory):
+    """`SFTTrainer(model=path)` with `trust_remote_code=True`: the same model and processor, so the same step."""
+    from_folder = run_sft_step(tmp_path_factory, from_folder=True)
+    assert type(from_folder["trainer"].model).__name__ == "VisionRememberForConditionalGeneration"
+    assert from_folder["calls"][0]["guidance"], "Vision Remember did not run in the training step"
+    losses = [
+        [entry["loss"] for entry in step["trainer"].state.log_history if "loss" in entry]
+        for step in (sft_step, from_folder)
+    ]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
 
 
 def test_sft_step_loss_is_finite(sft_step):
