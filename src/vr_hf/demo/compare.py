@@ -124,6 +124,8 @@ def run(settings: Settings) -> list[dict]:
         with context.Pool(settings.workers) as pool:
             pending = [pool.apply_async(run_job, (job, settings, tower_dir, queue)) for job in jobs]
             results = [task.get() for task in pending]
+            pool.close()  # workers exit on their own: terminate() skips their finalizers and leaks their semaphores
+            pool.join()
         progress.join(timeout=5)
     for result in results:
         result["patch_accuracy"] = patch_accuracy
