@@ -63,15 +63,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     overrides = vision_remember_settings(args)
-    overrides.update(
-        (name, value)
-        for name, value in dict(
-            projector_type=args.projector_type,
-            downsample_factor=args.downsample_factor,
-            image_grid_pinpoints=args.image_grid_pinpoints,
-        ).items()
-        if value is not None
-    )
+    for name in ("projector_type", "downsample_factor", "image_grid_pinpoints"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
     if args.no_vision_remember:
         overrides["use_vision_remember"] = False
     if args.anyres:

@@ -8,6 +8,7 @@ LLaVA-NeXT does it, whatever the channels hold. The processor counts image token
 from dataclasses import dataclass
 
 import torch
+from torch.nn import functional as F
 from transformers.models.llava_next.modeling_llava_next import (
     get_anyres_image_grid_shape,
     image_size_to_num_patches,
@@ -59,6 +60,12 @@ def view_windows(config: VisionRememberConfig, device=None) -> torch.Tensor:
     grid, stride = config.grid_size, config.downsample_factor
     patches = torch.arange(grid * grid, device=device).view(grid // stride, stride, grid // stride, stride)
     return patches.permute(0, 2, 1, 3).reshape(-1, stride * stride)
+
+
+def stack_windows(windows: list[torch.Tensor]) -> torch.Tensor:
+    """Stack `(tokens, window)` blocks of different window widths into one, padded with `NO_WINDOW`."""
+    width = max(window.shape[1] for window in windows)
+    return torch.cat([F.pad(window, (0, width - window.shape[1]), value=NO_WINDOW) for window in windows])
 
 
 def image_windows(config: VisionRememberConfig, image_sizes: list, device=None) -> list[torch.Tensor]:

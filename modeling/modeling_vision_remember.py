@@ -5,7 +5,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
@@ -14,7 +13,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_vision_remember import VisionRememberConfig
-from .image_layout import NO_WINDOW, ImageLayout, image_windows
+from .image_layout import ImageLayout, image_windows, stack_windows
 from .projectors import PerceiverProjector, build_projector
 from .vision_remember import VisionRemember, init_vision_remember_weights
 
@@ -171,9 +170,7 @@ class VisionRememberModel(VisionRememberPreTrainedModel):
         if self.vision_remember is None:
             return ImageFeatures(tokens, None, None)
 
-        windows = image_windows(self.config, sizes, pixel_values.device)
-        width = max(window.shape[1] for window in windows)
-        window_index = torch.cat([F.pad(window, (0, width - window.shape[1]), value=NO_WINDOW) for window in windows])
+        window_index = stack_windows(image_windows(self.config, sizes, pixel_values.device))
         features = self.select_features(hidden_states, self.config.remember_feature_layers).flatten(0, 1)
         return ImageFeatures(tokens, features, window_index)
 

@@ -14,10 +14,9 @@ from functools import partial
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from .image_layout import NO_WINDOW
+from .image_layout import NO_WINDOW, stack_windows
 from .modeling_vision_remember import check_image_tokens, forget_caller_labels, hand_labels_to_model, prompt_mask
 from .vision_remember import RememberContext, VisionRemember, init_vision_remember_weights
 
@@ -39,13 +38,11 @@ class RememberImageOutputs(BaseModelOutputWithPooling):
 
     def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All images' features `(rows, L * Dv)` and every token's window of them `(tokens, widest window)`."""
-        width = max(window.shape[1] for window in self.window_index)
         start, windows = 0, []
         for features, window in zip(self.remember_features, self.window_index):
-            shifted = torch.where(window == NO_WINDOW, NO_WINDOW, window + start)
-            windows.append(F.pad(shifted, (0, width - window.shape[1]), value=NO_WINDOW))
+            windows.append(torch.where(window == NO_WINDOW, NO_WINDOW, window + start))
             start += len(features)
-        return torch.cat(self.remember_features), torch.cat(windows)
+        return torch.cat(self.remember_features), stack_windows(windows)
 
     def select_images(self, order: list[int]):
         """Keep images `order` (repeats allowed), in that order."""

@@ -8,7 +8,7 @@ from torch.nn import functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from vr_hf.modeling import vision_remember
-from vr_hf.modeling.image_layout import ImageLayout, image_windows
+from vr_hf.modeling.image_layout import ImageLayout, image_windows, stack_windows
 from vr_hf.modeling.vision_remember import AttentionSettings, OutputProjection, VisionRemember, attend_windows
 from vr_hf.tiny import tiny_config
 
@@ -103,8 +103,7 @@ def context_inputs(module: VisionRemember, dtype):
     config = module.config
     sizes = [(50, 100), (100, 80)]
     windows = image_windows(config, sizes)
-    width = max(window.shape[1] for window in windows)
-    window_index = torch.cat([F.pad(window, (0, width - window.shape[1]), value=-1) for window in windows])
+    window_index = stack_windows(windows)
     layout = ImageLayout.from_config(config)
     num_features = sum(layout.num_views(size) for size in sizes) * config.grid_size**2
     features = torch.randn(num_features, config.remember_feature_size).to(dtype)
