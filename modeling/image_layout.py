@@ -8,7 +8,6 @@ LLaVA-NeXT does it, whatever the channels hold. The processor counts image token
 from dataclasses import dataclass
 
 import torch
-from torch.nn import functional as F
 from transformers.models.llava_next.modeling_llava_next import (
     get_anyres_image_grid_shape,
     image_size_to_num_patches,
@@ -16,9 +15,7 @@ from transformers.models.llava_next.modeling_llava_next import (
 )
 
 from .configuration_vision_remember import VisionRememberConfig
-
-
-NO_WINDOW = -1
+from .vision_remember import NO_WINDOW, block_windows
 
 
 @dataclass(frozen=True)
@@ -55,37 +52,15 @@ class ImageLayout:
         return len(self.pack(views, image_size, torch.zeros(1)))
 
 
-def view_windows(config: VisionRememberConfig, device=None) -> torch.Tensor:
-    """`(n*n, s*s)`: for each token of a view, the row-major patches of its `s x s` window."""
-    grid, stride = config.grid_size, config.downsample_factor
-    patches = torch.arange(grid * grid, device=device).view(grid // stride, stride, grid // stride, stride)
-    return patches.permute(0, 2, 1, 3).reshape(-1, stride * stride)
-
-
-def stack_windows(windows: list[torch.Tensor]) -> torch.Tensor:
-    """Stack `(tokens, window)` blocks of different window widths into one, padded with `NO_WINDOW`."""
-    width = max(window.shape[1] for window in windows)
-    return torch.cat([F.pad(window, (0, width - window.shape[1]), value=NO_WINDOW) for window in windows])
-
-
 def image_windows(config: VisionRememberConfig, image_sizes: list, device=None) -> list[torch.Tensor]:
-    """Per image, `(tokens, window)`: the rows of the concatenated per-view features each vision token attends to.
-
-    Rows count over all views of all images in order; newline tokens have no window (-1). With `global` interaction
-    a token's window is every feature of its image.
-    """
+    """Per image, `(tokens, s*s)`: the rows of the image's concatenated per-view features that each of its vision
+    tokens was pooled from; newline tokens have no window (-1)."""
     layout = ImageLayout.from_config(config)
-    patches_per_view = config.grid_size**2
-    windows = view_windows(config, device)
+    grid = config.grid_size
+    windows = block_windows(grid, grid, config.downsample_factor, device)
     no_window = torch.full((windows.shape[1],), NO_WINDOW, device=device)
-    packed, first_view = [], 0
-    for image_size in image_sizes:
-        count = layout.num_views(image_size)
-        offsets = (first_view + torch.arange(count, device=device)) * patches_per_view
-        image = layout.pack(windows[None] + offsets[:, None, None], image_size, no_window)
-        if config.interaction == "global":
-            every_feature = torch.arange(count * patches_per_view, device=device) + first_view * patches_per_view
-            image = torch.where(image[:, :1] >= 0, every_feature, NO_WINDOW)
-        packed.append(image)
-        first_view += count
-    return packed
+    offsets = torch.arange(max(layout.num_views(size) for size in image_sizes), device=device) * grid**2
+    return [
+        layout.pack(windows[None] + offsets[: layout.num_views(size), None, None], size, no_window)
+        for size in image_sizes
+    ]

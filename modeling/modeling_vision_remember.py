@@ -1,4 +1,9 @@
-"""LLaVA-VR: a LLaVA-NeXT style model whose compressed vision tokens remember the uncompressed features."""
+"""LLaVA-VR: a LLaVA-NeXT style model whose compressed vision tokens remember the uncompressed features.
+
+`EfficientLlavaModel` is the efficient LVLM the paper starts from: a vision tower, a projector that compresses its
+features by `s**2`, the LLaVA-NeXT AnyRes layout, and a decoder. `VisionRememberModel` adds Vision Remember to it
+exactly as the grafts add it to Transformers' Qwen2.5-VL and MiniCPM-V (`modeling_vision_remember_base`).
+"""
 
 import math
 from dataclasses import dataclass
@@ -13,12 +18,16 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_vision_remember import VisionRememberConfig
-from .image_layout import ImageLayout, image_windows, stack_windows
+from .image_layout import ImageLayout, image_windows
+from .modeling_vision_remember_base import (
+    RememberImageOutputs,
+    VisionRememberForConditionalGenerationMixin,
+    VisionRememberModelMixin,
+    VisionRememberPreTrainedMixin,
+    placeholder_mask,
+    remember_windows,
+)
 from .projectors import PerceiverProjector, build_projector
-from .vision_remember import VisionRemember, init_vision_remember_weights
-
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -41,66 +50,7 @@ class VisionRememberCausalLMOutputWithPast(ModelOutput):
     image_hidden_states: torch.FloatTensor | None = None
 
 
-@dataclass
-class ImageFeatures:
-    tokens: torch.Tensor  # (num_vision_tokens, Dt), all images in order
-    features: torch.Tensor | None  # (num_feature_positions, L * Dv) multi-level features, None without Vision Remember
-    window_index: torch.Tensor | None  # (num_vision_tokens, window) rows of `features`
-
-
-def image_size_list(pixel_values: torch.Tensor, image_sizes) -> list:
-    """One `(height, width)` per image, or `None` per image without AnyRes."""
-    return [None] * len(pixel_values) if image_sizes is None else list(image_sizes)
-
-
-def prompt_mask(input_ids, image_token_id, attention_mask=None, labels=None, prompt_length=None) -> torch.Tensor:
-    """Positions that feed the text-guided token: prompt text only, never an answer the model is trained on.
-
-    With `labels`, the text before each sample's first supervised token; in generation, the text before
-    `prompt_length`, so generated tokens never feed it, cached or not.
-    """
-    mask = input_ids != image_token_id
-    if attention_mask is not None and attention_mask.dim() == 2:
-        mask &= attention_mask.bool()
-    if labels is not None:
-        mask &= (labels != IGNORE_INDEX).cumsum(dim=-1) == 0
-    if prompt_length is not None:
-        mask[:, prompt_length:] = False
-    return mask
-
-
-def check_image_tokens(is_image_token: torch.Tensor, tokens_per_image: list[int]):
-    """Raise, before any compute, unless each sample's image tokens are whole images, in order."""
-    per_sample = is_image_token.sum(dim=1).tolist()
-    if sum(per_sample) != sum(tokens_per_image):
-        raise ValueError(
-            f"input_ids hold {sum(per_sample)} image tokens but the {len(tokens_per_image)} images need "
-            f"{sum(tokens_per_image)} ({tokens_per_image} per image): build the inputs with the model's processor, "
-            "which writes one image token per vision token, and pass exactly one image per image placeholder."
-        )
-    boundaries = set(torch.tensor([0] + tokens_per_image).cumsum(0).tolist())
-    seen = 0
-    for sample, count in enumerate(per_sample):
-        seen += count
-        if seen not in boundaries:
-            raise ValueError(
-                f"sample {sample} ends in the middle of an image: its image tokens do not add up to whole images "
-                f"({tokens_per_image} tokens per image). The text was probably truncated inside an image placeholder: "
-                "raise max_length, or truncate before the image."
-            )
-
-
-def hand_labels_to_model(module, args, kwargs):
-    """Forward pre-hook on the head. Trainers with a fused LM head (TRL's `SFTTrainer`) keep `labels` for themselves
-    and call `self.model` without them: hand them over, so the text-guided token still never pools an answer."""
-    module.model.caller_labels = kwargs.get("labels")
-
-
-def forget_caller_labels(module, args, kwargs, output):
-    module.model.caller_labels = None
-
-
-class VisionRememberPreTrainedModel(PreTrainedModel):
+class VisionRememberPreTrainedModel(VisionRememberPreTrainedMixin, PreTrainedModel):
     config: VisionRememberConfig
     base_model_prefix = "model"
     input_modalities = ("image", "text")
@@ -109,24 +59,21 @@ class VisionRememberPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = True
+    _can_compile_fullgraph = True
 
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        config = self.config
-        if isinstance(module, VisionRememberModel) and module.image_newline is not None:
-            init.normal_(module.image_newline, std=1 / math.sqrt(config.text_config.hidden_size))
+        std = 1 / math.sqrt(self.config.text_config.hidden_size)
+        if isinstance(module, EfficientLlavaModel) and module.image_newline is not None:
+            init.normal_(module.image_newline, std=std)
         elif isinstance(module, PerceiverProjector):
-            init.normal_(module.latents, std=1 / math.sqrt(config.text_config.hidden_size))
-        else:
-            init_vision_remember_weights(module, config.identity_init)
+            init.normal_(module.latents, std=std)
 
 
-class VisionRememberModel(VisionRememberPreTrainedModel):
-    """Vision tower, projector and decoder, with the Vision Remember blocks hooked between decoder layers.
-
-    All Vision Remember logic lives here, not in the head, since trainers call this module directly.
-    """
+class EfficientLlavaModel(VisionRememberPreTrainedModel):
+    """Vision tower, compressing projector and decoder, with LLaVA-NeXT's AnyRes layout. Images reach its forward
+    encoded, as `mm_encoder_outputs`; `VisionRememberModel` encodes them."""
 
     def __init__(self, config: VisionRememberConfig):
         super().__init__(config)
@@ -136,63 +83,64 @@ class VisionRememberModel(VisionRememberPreTrainedModel):
         self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size)) if anyres else None
         self.language_model = AutoModel.from_config(config.text_config)
         self.image_layout = ImageLayout.from_config(config)
-        self.caller_labels = None  # the head's `labels` when a trainer calls this module without them
-        self.vision_remember = VisionRemember(config) if config.use_vision_remember else None
-        if self.vision_remember is not None:
-            self.vision_remember.attach(self.language_model.layers)
-        self.post_init()
+
+    def image_sizes_list(self, pixel_values: torch.Tensor, image_sizes) -> list:
+        """One `(height, width)` per image, or `None` per image without AnyRes; refuses what cannot be encoded."""
+        if self.config.image_grid_pinpoints is not None and image_sizes is None:
+            raise ValueError(
+                "This model uses AnyRes (image_grid_pinpoints is set): pass image_sizes with pixel_values."
+            )
+        if pixel_values.dim() not in (4, 5):
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)}: expected (views, 3, H, W) or "
+                "(images, max_views, 3, H, W) as the processor returns it."
+            )
+        if image_sizes is None:
+            return [None] * len(pixel_values)
+        return image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else [list(size) for size in image_sizes]
+
+    def image_token_counts(self, pixel_values: torch.Tensor, image_sizes=None, **kwargs) -> list[int]:
+        return [self.image_layout.num_tokens(size) for size in self.image_sizes_list(pixel_values, image_sizes)]
 
     def flatten_views(self, pixel_values: torch.Tensor, sizes: list) -> torch.Tensor:
         """`(images, max_views, 3, H, W)` padded as the image processor returns it, to `(views, 3, H, W)`."""
         if pixel_values.dim() == 4:
             return pixel_values
-        if pixel_values.dim() != 5:
-            raise ValueError(
-                f"pixel_values has shape {tuple(pixel_values.shape)}: expected (views, 3, H, W) or "
-                "(images, max_views, 3, H, W) as the processor returns it."
-            )
-        views = [image[: self.image_layout.num_views(size)] for image, size in zip(pixel_values, sizes)]
-        return torch.cat(views)
+        return torch.cat([image[: self.image_layout.num_views(size)] for image, size in zip(pixel_values, sizes)])
 
     def select_features(self, hidden_states: tuple[torch.Tensor], layers: list[int]) -> torch.Tensor:
         features = torch.cat([hidden_states[layer] for layer in layers], dim=-1)
         return features[:, 1:] if self.config.vision_feature_select_strategy == "default" else features
 
-    def get_image_features(self, pixel_values: torch.Tensor, image_sizes=None) -> ImageFeatures:
-        """Run the vision tower and projector; lay the tokens out per image; keep the multi-level features."""
-        sizes = image_size_list(pixel_values, image_sizes)
+    @can_return_tuple
+    def get_image_features(
+        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None, output_hidden_states=None, **kwargs
+    ) -> RememberImageOutputs:
+        """Run the vision tower and projector and lay the tokens out per image (`pooler_output`); with Vision Remember,
+        also keep each image's multi-level features and its tokens' windows of them."""
+        sizes = self.image_sizes_list(pixel_values, image_sizes)
         views = self.flatten_views(pixel_values, sizes).to(self.vision_tower.dtype)
-        hidden_states = self.vision_tower(views, output_hidden_states=True).hidden_states
+        outputs = self.vision_tower(views, output_hidden_states=True)
+        hidden_states = outputs.hidden_states
         tokens = self.multi_modal_projector(self.select_features(hidden_states, [self.config.projector_feature_layer]))
-        per_image = tokens.split([self.image_layout.num_views(size) for size in sizes])
-        packed = [self.image_layout.pack(image, size, self.image_newline) for image, size in zip(per_image, sizes)]
-        tokens = torch.cat(packed)
-        if self.vision_remember is None:
-            return ImageFeatures(tokens, None, None)
+        views_per_image = [self.image_layout.num_views(size) for size in sizes]
+        per_image = zip(tokens.split(views_per_image), sizes)
+        image_outputs = RememberImageOutputs(
+            last_hidden_state=outputs.last_hidden_state,
+            pooler_output=tuple(self.image_layout.pack(image, size, self.image_newline) for image, size in per_image),
+            hidden_states=hidden_states if output_hidden_states else None,
+        )
+        if getattr(self, "vision_remember", None) is not None:
+            features = self.select_features(hidden_states, self.config.remember_feature_layers)
+            rows = [count * features.shape[1] for count in views_per_image]
+            image_outputs.remember_features = features.flatten(0, 1).split(rows)
+            local = image_windows(self.config, sizes, pixel_values.device)
+            image_outputs.window_index = remember_windows(self.config, local, rows)
+        return image_outputs
 
-        window_index = stack_windows(image_windows(self.config, sizes, pixel_values.device))
-        features = self.select_features(hidden_states, self.config.remember_feature_layers).flatten(0, 1)
-        return ImageFeatures(tokens, features, window_index)
-
-    def check_image_inputs(self, input_ids, pixel_values, image_sizes):
-        """Refuse inputs that cannot work before the vision tower runs."""
-        image_token_id = self.config.image_token_id
-        if pixel_values is None:
-            if input_ids is not None and bool((input_ids == image_token_id).any()):
-                count = int((input_ids == image_token_id).sum())
-                raise ValueError(
-                    f"input_ids hold {count} image tokens (id {image_token_id}) but no pixel_values were given: pass "
-                    "the images the processor returned with the text."
-                )
-            return
-        if input_ids is None:
-            raise ValueError("pixel_values need input_ids, whose image tokens mark where the vision tokens go.")
-        if self.config.image_grid_pinpoints is not None and image_sizes is None:
-            raise ValueError(
-                "This model uses AnyRes (image_grid_pinpoints is set): pass image_sizes with pixel_values."
-            )
-        sizes = image_size_list(pixel_values, image_sizes)
-        check_image_tokens(input_ids == image_token_id, [self.image_layout.num_tokens(size) for size in sizes])
+    def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None, **kwargs):
+        """`get_image_features`, called with the forward's arguments."""
+        return self.get_image_features(pixel_values, image_sizes, return_dict=True)
 
     @can_return_tuple
     def forward(
@@ -204,38 +152,20 @@ class VisionRememberModel(VisionRememberPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
-        labels: torch.LongTensor | None = None,
-        prompt_length: int | None = None,
         use_cache: bool | None = None,
+        mm_encoder_outputs: dict[str, RememberImageOutputs] | None = None,
         **kwargs,
     ) -> VisionRememberModelOutputWithPast:
-        r"""
-        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-            Only used to keep answers out of the text-guided token: text from each sample's first supervised token on
-            never feeds it. The loss is the head's.
-        prompt_length (`int`, *optional*):
-            Positions from `prompt_length` on are generated text and never feed the text-guided token. Set by
-            `generate()`.
-        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
-        has_images = pixel_values is not None and len(pixel_values) > 0
-        self.check_image_inputs(input_ids, pixel_values if has_images else None, image_sizes)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-
-        image_features = None
-        if has_images:
-            image_features = self.get_image_features(pixel_values, image_sizes)
-            token_batch, token_position = (input_ids == self.config.image_token_id).nonzero(as_tuple=True)
-            vision_tokens = image_features.tokens.to(inputs_embeds.dtype)
-            inputs_embeds = inputs_embeds.index_put((token_batch, token_position), vision_tokens)
-            if self.vision_remember is not None:
-                labels = labels if labels is not None else self.caller_labels
-                guidance = prompt_mask(input_ids, self.config.image_token_id, attention_mask, labels, prompt_length)
-                kwargs["vision_remember"] = self.vision_remember.prepare(
-                    image_features.features, token_batch, token_position, image_features.window_index, guidance
-                )
+        images = (mm_encoder_outputs or {}).get("image")
+        tokens = None
+        if images is not None:
+            tokens = torch.cat(images.pooler_output).to(inputs_embeds)
+            mask = placeholder_mask(self, input_ids, inputs_embeds)
+            inputs_embeds = inputs_embeds.masked_scatter(mask[..., None], tokens)
 
         outputs = self.language_model(
             attention_mask=attention_mask,
@@ -250,26 +180,41 @@ class VisionRememberModel(VisionRememberPreTrainedModel):
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            image_hidden_states=None if image_features is None else image_features.tokens,
+            image_hidden_states=tokens,
         )
 
 
-class VisionRememberForConditionalGeneration(VisionRememberPreTrainedModel, GenerationMixin):
+class VisionRememberModel(VisionRememberModelMixin, EfficientLlavaModel):
+    """[`EfficientLlavaModel`] with the Vision Remember blocks hooked between decoder layers (none with
+    `use_vision_remember=False`, the baseline). All Vision Remember logic lives here, not in the head, since trainers
+    call this module directly."""
+
+    def __init__(self, config: VisionRememberConfig):
+        super().__init__(config)
+        self.vision_remember = None
+        if config.use_vision_remember:
+            self.attach_vision_remember()
+        self.post_init()
+
+
+class VisionRememberForConditionalGeneration(
+    VisionRememberForConditionalGenerationMixin, VisionRememberPreTrainedModel, GenerationMixin
+):
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: VisionRememberConfig):
         super().__init__(config)
         self.model = VisionRememberModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.register_forward_pre_hook(hand_labels_to_model, with_kwargs=True)
-        self.register_forward_hook(forget_caller_labels, with_kwargs=True, always_call=True)
+        self.hand_labels_to_model()
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
-    def get_image_features(self, pixel_values: torch.Tensor, image_sizes=None) -> ImageFeatures:
-        return self.model.get_image_features(pixel_values, image_sizes)
+    def get_image_features(self, pixel_values: torch.Tensor, image_sizes=None, **kwargs) -> RememberImageOutputs:
+        return self.model.get_image_features(pixel_values, image_sizes, **kwargs)
 
     @can_return_tuple
     def forward(
@@ -282,11 +227,20 @@ class VisionRememberForConditionalGeneration(VisionRememberPreTrainedModel, Gene
         past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
-        prompt_length: int | None = None,
+        prompt_mask: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs: dict[str, RememberImageOutputs] | None = None,
         **kwargs,
     ) -> VisionRememberCausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Language-modelling labels (-100 where not supervised). Text from each sample's first supervised token on
+            never feeds the text-guided token.
+        prompt_mask (`torch.BoolTensor` of shape `(batch_size, prompt_length)`, *optional*):
+            True on each sample's prompt: only those positions feed the text-guided token. Set by `generate()`; pass
+            it when scoring continuations without labels.
+        """
         outputs = self.model(
             input_ids,
             pixel_values=pixel_values,
@@ -295,9 +249,9 @@ class VisionRememberForConditionalGeneration(VisionRememberPreTrainedModel, Gene
             position_ids=position_ids,
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
-            labels=labels,
-            prompt_length=prompt_length,
+            prompt_mask=prompt_mask,
             use_cache=use_cache,
+            mm_encoder_outputs=mm_encoder_outputs,
             return_dict=True,
             **kwargs,
         )
@@ -315,13 +269,6 @@ class VisionRememberForConditionalGeneration(VisionRememberPreTrainedModel, Gene
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
         )
-
-    def generate(self, inputs: torch.Tensor | None = None, **kwargs):
-        """`GenerationMixin.generate`, with the prompt length pinned: generated text never feeds Vision Remember."""
-        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
-        if input_ids is not None and kwargs.get("pixel_values") is not None:
-            kwargs.setdefault("prompt_length", input_ids.shape[1])
-        return super().generate(inputs, **kwargs)
 
 
 __all__ = ["VisionRememberModel", "VisionRememberForConditionalGeneration", "VisionRememberPreTrainedModel"]

@@ -16,19 +16,20 @@ from transformers.models.minicpmv4_6.modeling_minicpmv4_6 import (
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_vision_remember_minicpmv4_6 import VisionRememberMiniCPMV4_6Config
-from .modeling_vision_remember_graft import (
+from .modeling_vision_remember_base import (
     RememberImageOutputs,
-    VisionRememberGraftForConditionalGenerationMixin,
-    VisionRememberGraftModelMixin,
-    block_windows,
+    VisionRememberForConditionalGenerationMixin,
+    VisionRememberModelMixin,
     capture_hidden_states,
+    remember_windows,
 )
+from .vision_remember import block_windows
 
 
 PATCHES_PER_TOKEN_SIDE = {"16x": 4, "4x": 2}
 
 
-class VisionRememberMiniCPMV4_6Model(VisionRememberGraftModelMixin, MiniCPMV4_6Model):
+class VisionRememberMiniCPMV4_6Model(VisionRememberModelMixin, MiniCPMV4_6Model):
     """[`MiniCPMV4_6Model`] whose image tokens are rewritten after the chosen decoder layers from the multi-level
     features of the patch block each was merged from. All Vision Remember logic lives here (trainers call it)."""
 
@@ -36,7 +37,8 @@ class VisionRememberMiniCPMV4_6Model(VisionRememberGraftModelMixin, MiniCPMV4_6M
 
     def __init__(self, config: VisionRememberMiniCPMV4_6Config):
         super().__init__(config)
-        self.graft_vision_remember()
+        self.attach_vision_remember()
+        self.post_init()
 
     @can_return_tuple
     def get_image_features(
@@ -56,7 +58,7 @@ class VisionRememberMiniCPMV4_6Model(VisionRememberGraftModelMixin, MiniCPMV4_6M
         rows = [height * width for height, width in sizes]
         local = [block_windows(height, width, side, features.device) for height, width in sizes]
         return RememberImageOutputs(
-            **outputs, remember_features=features.split(rows), window_index=self.windows(local, rows)
+            **outputs, remember_features=features.split(rows), window_index=remember_windows(self.config, local, rows)
         )
 
     def encode_images(
@@ -65,9 +67,15 @@ class VisionRememberMiniCPMV4_6Model(VisionRememberGraftModelMixin, MiniCPMV4_6M
         """`get_image_features`, called as the native forward calls it."""
         return self.get_image_features(pixel_values[:1], target_sizes, downsample_mode=downsample_mode)
 
+    def image_token_counts(
+        self, pixel_values: torch.Tensor, target_sizes: torch.IntTensor, downsample_mode: str | None = None, **kwargs
+    ) -> list[int]:
+        side = PATCHES_PER_TOKEN_SIDE.get(downsample_mode or self.config.downsample_mode, 4)
+        return (target_sizes.prod(dim=-1) // side**2).tolist()
+
 
 class VisionRememberMiniCPMV4_6ForConditionalGeneration(
-    VisionRememberGraftForConditionalGenerationMixin, MiniCPMV4_6ForConditionalGeneration
+    VisionRememberForConditionalGenerationMixin, MiniCPMV4_6ForConditionalGeneration
 ):
     """[`MiniCPMV4_6ForConditionalGeneration`] with Vision Remember in its `model`; same state-dict keys, plus
     `model.vision_remember.*`."""

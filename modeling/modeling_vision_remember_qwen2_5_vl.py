@@ -16,15 +16,16 @@ from transformers.utils.generic import can_return_tuple
 from transformers.vision_utils import get_vision_window_index
 
 from .configuration_vision_remember_qwen2_5_vl import VisionRememberQwen2_5_VLConfig
-from .modeling_vision_remember_graft import (
+from .modeling_vision_remember_base import (
     RememberImageOutputs,
-    VisionRememberGraftForConditionalGenerationMixin,
-    VisionRememberGraftModelMixin,
+    VisionRememberForConditionalGenerationMixin,
+    VisionRememberModelMixin,
     capture_hidden_states,
+    remember_windows,
 )
 
 
-class VisionRememberQwen2_5_VLModel(VisionRememberGraftModelMixin, Qwen2_5_VLModel):
+class VisionRememberQwen2_5_VLModel(VisionRememberModelMixin, Qwen2_5_VLModel):
     """[`Qwen2_5_VLModel`] whose image tokens are rewritten after the chosen decoder layers from the multi-level
     features of the 2x2 patch block each was merged from. All Vision Remember logic lives here (trainers call it)."""
 
@@ -32,7 +33,8 @@ class VisionRememberQwen2_5_VLModel(VisionRememberGraftModelMixin, Qwen2_5_VLMod
 
     def __init__(self, config: VisionRememberQwen2_5_VLConfig):
         super().__init__(config)
-        self.graft_vision_remember()
+        self.attach_vision_remember()
+        self.post_init()
 
     @can_return_tuple
     def get_image_features(
@@ -55,16 +57,19 @@ class VisionRememberQwen2_5_VLModel(VisionRememberGraftModelMixin, Qwen2_5_VLMod
         rows = [len(image) * unit for image in outputs.pooler_output]
         local = [torch.arange(count, device=features.device).view(-1, unit) for count in rows]
         return RememberImageOutputs(
-            **outputs, remember_features=features.split(rows), window_index=self.windows(local, rows)
+            **outputs, remember_features=features.split(rows), window_index=remember_windows(self.config, local, rows)
         )
 
     def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor, **kwargs):
         """`get_image_features`, called as the native forward calls it."""
         return self.get_image_features(pixel_values, image_grid_thw, return_dict=True)
 
+    def image_token_counts(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor, **kwargs) -> list[int]:
+        return (image_grid_thw.prod(dim=-1) // self.visual.spatial_merge_unit).tolist()
+
 
 class VisionRememberQwen2_5_VLForConditionalGeneration(
-    VisionRememberGraftForConditionalGenerationMixin, Qwen2_5_VLForConditionalGeneration
+    VisionRememberForConditionalGenerationMixin, Qwen2_5_VLForConditionalGeneration
 ):
     """[`Qwen2_5_VLForConditionalGeneration`] with Vision Remember in its `model`; same state-dict keys, plus
     `model.vision_remember.*`."""

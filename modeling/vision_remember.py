@@ -1,14 +1,18 @@
 """Vision Remember: rewrite the vision tokens' hidden states from the uncompressed vision features.
 
-The blocks here know nothing about any particular VLM. A backbone adapter hands them, per forward pass:
+The blocks here know nothing about any particular VLM. Per forward pass they get:
 
+- a `TokenLayout`, read from the image placeholders before any vision work is queued: where the vision tokens sit in
+  the decoder's `(batch, sequence)`, how the self-attention lays them out per sample, and the `(batch, sequence)`
+  positions whose hidden states feed the text-guided token;
 - `features`: multi-level vision features, `(num_feature_positions, L * Dv)`;
-- `token_batch`, `token_position`: where the vision tokens sit in the decoder's `(batch, sequence)`;
-- `window_index`: per vision token, the rows of `features` it was pooled from, `(num_tokens, window)`, -1 where none;
-- `guidance_mask`: the `(batch, sequence)` positions whose hidden states feed the text-guided token.
+- `window_index`: per vision token, the rows of `features` it was compressed from, `(num_tokens, window)`, -1 where
+  none.
 
 `VisionRemember.prepare` turns these into a `RememberContext`, passed to the decoder as the keyword argument
 `vision_remember`; decoder layers forward it to their forward hooks, which run the block after each chosen layer.
+All sizes come from the layout and the tensors' shapes: nothing in `prepare` or the blocks waits on the device, so
+the decoder with its blocks compiles as one graph.
 
 Attention follows the model's `attn_implementation`:
 - `eager`: the reference, Transformers' eager attention on padded layouts;
@@ -33,12 +37,13 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 from transformers.utils import logging
 
-from .configuration_vision_remember import VisionRememberConfig
+from .configuration_vision_remember_settings import VisionRememberSettings
 
 
 logger = logging.get_logger(__name__)
 
 FLASH_MAX_HEAD_DIM = 256
+NO_WINDOW = -1
 
 
 def flash_problems(module: nn.Module, tensor: torch.Tensor) -> list[str]:
@@ -163,11 +168,63 @@ class AttentionSettings(nn.Module):
     is_causal = False
     num_key_value_groups = 1
 
-    def __init__(self, config: VisionRememberConfig, head_dim: int):
+    def __init__(self, config: VisionRememberSettings, head_dim: int):
         super().__init__()
         self.config = config
         self.head_dim = head_dim
         self.scaling = head_dim**-0.5
+
+
+def stack_windows(windows: list[torch.Tensor]) -> torch.Tensor:
+    """Stack `(tokens, window)` blocks of different window widths into one, padded with `NO_WINDOW`."""
+    width = max(window.shape[1] for window in windows)
+    return torch.cat([F.pad(window, (0, width - window.shape[1]), value=NO_WINDOW) for window in windows])
+
+
+def block_windows(height: int, width: int, side: int, device=None) -> torch.Tensor:
+    """Rows of a row-major `height x width` patch grid that each `side x side` block covers, blocks in row-major order:
+    `(height * width / side**2, side**2)`, each block's rows in row-major order."""
+    grid = torch.arange(height * width, device=device).view(height // side, side, width // side, side)
+    return grid.permute(0, 2, 1, 3).reshape(-1, side * side)
+
+
+@dataclass
+class TokenLayout:
+    """Where the vision tokens are, and how the bidirectional self-attention lays them out: one row per sample that
+    has vision tokens, one column per token, and a last column for the text-guided token when there is one."""
+
+    token_batch: torch.Tensor  # (N,)
+    token_position: torch.Tensor  # (N,)
+    guidance_mask: torch.Tensor | None  # (B, S): positions that feed the text-guided token
+    sample_rows: torch.Tensor  # (B',): batch rows that hold vision tokens
+    slot_row: torch.Tensor  # (N,): each token's row in the (B', T) self-attention layout
+    slot_column: torch.Tensor  # (N,): its column
+    slot_mask: torch.Tensor  # (B', T): occupied slots
+
+    @classmethod
+    def from_placeholders(
+        cls, placeholders: torch.Tensor, guidance_mask: torch.Tensor | None, device: torch.device
+    ) -> "TokenLayout":
+        """`placeholders`: the `(batch, sequence)` image-token mask, on the host (the caller reads it there once, to
+        check it, before the vision encoder is queued). `guidance_mask`: on `device`, or None without text guidance.
+        """
+        placeholders = placeholders.cpu()
+        token_batch, token_position = placeholders.nonzero(as_tuple=True)
+        counts = placeholders.sum(dim=1)
+        sample_rows = counts.nonzero().flatten()
+        counts = counts[sample_rows]
+        slot_row = torch.repeat_interleave(torch.arange(len(sample_rows)), counts)
+        slot_column = torch.arange(len(token_batch)) - (counts.cumsum(0) - counts)[slot_row]
+        length = int(counts.max()) + int(guidance_mask is not None)
+        slot_mask = torch.arange(length)[None, :] < counts[:, None]
+        layout = cls(
+            *(tensor.to(device) for tensor in (token_batch, token_position)),
+            guidance_mask,
+            *(tensor.to(device) for tensor in (sample_rows, slot_row, slot_column, slot_mask)),
+        )
+        if guidance_mask is not None:
+            layout.slot_mask[:, -1] = guidance_mask[layout.sample_rows].any(dim=1)
+        return layout
 
 
 @dataclass
@@ -175,16 +232,10 @@ class RememberContext:
     """Everything the Vision Remember blocks need in one forward pass, computed once and shared by all blocks."""
 
     vision_remember: "VisionRemember"
-    token_batch: torch.Tensor  # (N,)
-    token_position: torch.Tensor  # (N,)
+    layout: TokenLayout
     windowed: torch.Tensor  # (N,) bool: tokens with at least one feature to attend to
-    window_features: torch.Tensor  # (N_windowed, W, L * Dv): normalised features of each token's window
-    window_mask: torch.Tensor | None  # (N_windowed, W), only where windows have holes
-    guidance_mask: torch.Tensor | None  # (B, S)
-    sample_rows: torch.Tensor  # (B',): batch rows that hold vision tokens
-    slot_row: torch.Tensor  # (N,): each token's row in the (B', T) self-attention layout
-    slot_column: torch.Tensor  # (N,): its column
-    slot_mask: torch.Tensor  # (B', T): occupied slots; column T-1 is the text-guided token when there is one
+    window_features: torch.Tensor  # (N, W, L * Dv): normalised features of each token's window
+    window_mask: torch.Tensor  # (N, W): True where the window has a feature
 
     def remember(self, layer_index: int, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.vision_remember.layers[str(layer_index)](hidden_states, self)
@@ -199,13 +250,13 @@ def remember_after_layer(layer_index: int, module, args, kwargs, output):
 
 
 class TokenFeatureCrossAttention(nn.Module):
-    """Each vision token queries the uncompressed features it was pooled from (paper eq. 2).
+    """Each vision token queries the uncompressed features it was compressed from (paper eq. 2).
 
     The query is expanded by an MLP from the decoder width to the multi-level feature width `L * Dv`; keys and values
     are the features themselves, without projections.
     """
 
-    def __init__(self, config: VisionRememberConfig):
+    def __init__(self, config: VisionRememberSettings):
         super().__init__()
         text_size, feature_size = config.text_config.hidden_size, config.remember_feature_size
         self.num_heads = config.cross_attention_heads
@@ -230,25 +281,24 @@ class TokenFeatureCrossAttention(nn.Module):
         return sampled.squeeze(2).transpose(1, 2)
 
     def forward(self, hidden_states: torch.Tensor, context: RememberContext) -> torch.Tensor:
-        batch = context.token_batch[context.windowed]
-        position = context.token_position[context.windowed]
-        queries_in = self.norm(hidden_states[batch, position])
+        position = (context.layout.token_batch, context.layout.token_position)
+        queries_in = self.norm(hidden_states[position])
         queries = self.query_out(self.act(self.query_up(queries_in)))
-        keys = context.window_features
+        keys, window_mask = context.window_features, context.window_mask
         if self.interaction == "deformable":
-            keys = self.sample_points(queries_in, keys)
+            keys, window_mask = self.sample_points(queries_in, keys), None
         num_tokens = queries.shape[0]
         queries = queries.view(num_tokens, self.num_heads, self.head_dim)
         keys = keys.view(num_tokens, -1, self.num_heads, self.head_dim)
-        output = attend_windows(self.attention, queries, keys, context.window_mask)
-        update = self.out_proj(output.reshape(num_tokens, -1))
-        return hidden_states.index_put((batch, position), update.to(hidden_states.dtype), accumulate=True)
+        output = attend_windows(self.attention, queries, keys, window_mask)
+        update = self.out_proj(output.reshape(num_tokens, -1)) * context.windowed[:, None]
+        return hidden_states.index_put(position, update.to(hidden_states.dtype), accumulate=True)
 
 
 class TokenBidirectionalSelfAttention(nn.Module):
     """Full self-attention over all vision tokens of a sample, plus the text-guided token."""
 
-    def __init__(self, config: VisionRememberConfig):
+    def __init__(self, config: VisionRememberSettings):
         super().__init__()
         hidden_size = config.text_config.hidden_size
         self.num_heads = config.self_attention_heads
@@ -261,56 +311,56 @@ class TokenBidirectionalSelfAttention(nn.Module):
         self.out_proj = OutputProjection(hidden_size, hidden_size)
         self.attention = AttentionSettings(config, self.head_dim)
 
-    def text_guided_token(self, hidden_states: torch.Tensor, context: RememberContext) -> torch.Tensor:
-        """Adaptive max-pool over the prompt text of each sample: `(B', D)`."""
-        states = hidden_states[context.sample_rows]
-        mask = context.guidance_mask[context.sample_rows, :, None]
+    def text_guided_token(self, hidden_states: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """Adaptive max-pool over the prompt text of each sample: `(B', D)`, zero where a sample has none."""
+        states = hidden_states[layout.sample_rows]
+        mask = layout.guidance_mask[layout.sample_rows, :, None]
         pooled = states.masked_fill(~mask, torch.finfo(states.dtype).min).amax(dim=1)
         return pooled.masked_fill(~mask.any(dim=1), 0.0)
 
-    def layout(self, hidden_states: torch.Tensor, context: RememberContext) -> torch.Tensor:
+    def layout(self, hidden_states: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """The normalised vision tokens and text-guided token of each sample, padded: `(B', T, D)`."""
-        rows, length = context.slot_mask.shape
-        tokens = hidden_states[context.token_batch, context.token_position]
-        layout = hidden_states.new_zeros(rows, length, hidden_states.shape[-1])
-        layout = layout.index_put((context.slot_row, context.slot_column), tokens)
+        rows, length = layout.slot_mask.shape
+        tokens = hidden_states[layout.token_batch, layout.token_position]
+        slots = hidden_states.new_zeros(rows, length, hidden_states.shape[-1])
+        slots = slots.index_put((layout.slot_row, layout.slot_column), tokens)
         if self.text_guidance:
-            layout = torch.cat([layout[:, :-1], self.text_guided_token(hidden_states, context)[:, None]], dim=1)
-        return self.norm(layout)
+            slots = torch.cat([slots[:, :-1], self.text_guided_token(hidden_states, layout)[:, None]], dim=1)
+        return self.norm(slots)
 
     def project(self, states: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Queries, keys and values `(*states.shape[:-1], heads, head_dim)`."""
         shape = (*states.shape[:-1], self.num_heads, self.head_dim)
         return tuple(projection(states).view(shape) for projection in (self.q_proj, self.k_proj, self.v_proj))
 
-    def attend_padded(self, layout: torch.Tensor, context: RememberContext) -> torch.Tensor:
-        queries, keys, values = (states.transpose(1, 2) for states in self.project(layout))
-        output = attend(self.attention, queries, keys, values, context.slot_mask)
-        return output.flatten(2)[context.slot_row, context.slot_column]
+    def attend_padded(self, slots: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        queries, keys, values = (states.transpose(1, 2) for states in self.project(slots))
+        output = attend(self.attention, queries, keys, values, layout.slot_mask)
+        return output.flatten(2)[layout.slot_row, layout.slot_column]
 
-    def attend_packed(self, layout: torch.Tensor, context: RememberContext) -> torch.Tensor:
+    def attend_packed(self, slots: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """FlashAttention varlen on the occupied slots only: no projection or attention spent on padding."""
-        lengths = context.slot_mask.sum(1, dtype=torch.int32)
-        length = layout.shape[1]
-        output = attend_packed(
-            self.attention, *self.project(layout[context.slot_mask]), lengths, lengths, length, length
-        )
-        padded = output.new_zeros(*layout.shape[:2], output.shape[1] * output.shape[2])
-        return padded.index_put((context.slot_mask,), output.flatten(1))[context.slot_row, context.slot_column]
+        lengths = layout.slot_mask.sum(1, dtype=torch.int32)
+        length = slots.shape[1]
+        packed = self.project(slots[layout.slot_mask])
+        output = attend_packed(self.attention, *packed, lengths, lengths, length, length)
+        padded = output.new_zeros(*slots.shape[:2], output.shape[1] * output.shape[2])
+        return padded.index_put((layout.slot_mask,), output.flatten(1))[layout.slot_row, layout.slot_column]
 
     def forward(self, hidden_states: torch.Tensor, context: RememberContext) -> torch.Tensor:
-        layout = self.layout(hidden_states, context)
-        packed = "flash" in backend(self.attention, layout)
-        output = self.attend_packed(layout, context) if packed else self.attend_padded(layout, context)
+        layout = context.layout
+        slots = self.layout(hidden_states, layout)
+        packed = "flash" in backend(self.attention, slots)
+        output = self.attend_packed(slots, layout) if packed else self.attend_padded(slots, layout)
         update = self.out_proj(output)
-        position = (context.token_batch, context.token_position)
+        position = (layout.token_batch, layout.token_position)
         return hidden_states.index_put(position, update.to(hidden_states.dtype), accumulate=True)
 
 
 class VisionRememberLayer(nn.Module):
     """The two residual sub-layers that run after one decoder layer."""
 
-    def __init__(self, config: VisionRememberConfig):
+    def __init__(self, config: VisionRememberSettings):
         super().__init__()
         self.cross_attention = TokenFeatureCrossAttention(config)
         self.self_attention = TokenBidirectionalSelfAttention(config) if config.bidirectional else None
@@ -325,7 +375,7 @@ class VisionRememberLayer(nn.Module):
 class VisionRemember(nn.Module):
     """All Vision Remember blocks of a model, keyed by the decoder layer they follow."""
 
-    def __init__(self, config: VisionRememberConfig):
+    def __init__(self, config: VisionRememberSettings):
         super().__init__()
         self.config = config
         self.text_guidance = config.text_guidance and config.bidirectional
@@ -356,40 +406,19 @@ class VisionRemember(nn.Module):
             return self.normalize_features(features[rows])
         return self.normalize_features(features)[rows]
 
-    def prepare(
-        self,
-        features: torch.Tensor,
-        token_batch: torch.Tensor,
-        token_position: torch.Tensor,
-        window_index: torch.Tensor,
-        guidance_mask: torch.Tensor,
-    ) -> RememberContext:
-        """Build the per-forward context: windows gathered and normalised once, the self-attention layout laid out."""
-        windowed = window_index[:, 0] >= 0
-        window_index = window_index[windowed]
-        holes = window_index < 0
-        window_features = self.gather_windows(features, window_index)
-        window_mask = ~holes if bool(holes.any()) else None
+    def prepare(self, layout: TokenLayout, features: torch.Tensor, window_index: torch.Tensor) -> RememberContext:
+        """The per-forward context: windows gathered and normalised once, for every block.
 
-        sample_rows, slot_row, counts = torch.unique(token_batch, return_inverse=True, return_counts=True)
-        first_slot = torch.cumsum(counts, 0) - counts
-        slot_column = torch.arange(len(token_batch), device=token_batch.device) - first_slot[slot_row]
-        length = int(counts.max()) + int(self.text_guidance)
-        slot_mask = torch.arange(length, device=counts.device)[None, :] < counts[:, None]
-        guidance_mask = guidance_mask.bool() if self.text_guidance else None
-        if self.text_guidance:
-            slot_mask[:, -1] = guidance_mask[sample_rows].any(dim=1)
-
+        Tokens without any feature (AnyRes newlines) keep their row, attend to an arbitrary feature, and have their
+        update dropped: no shape depends on which tokens have windows.
+        """
+        window_mask = window_index >= 0
+        windowed = window_mask.any(dim=1)
+        window_mask[:, 0] |= ~windowed
         return RememberContext(
             vision_remember=self,
-            token_batch=token_batch,
-            token_position=token_position,
+            layout=layout,
             windowed=windowed,
-            window_features=window_features,
+            window_features=self.gather_windows(features, window_index),
             window_mask=window_mask,
-            guidance_mask=guidance_mask,
-            sample_rows=sample_rows,
-            slot_row=slot_row,
-            slot_column=slot_column,
-            slot_mask=slot_mask,
         )

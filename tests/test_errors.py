@@ -73,9 +73,15 @@ def test_truncated_image_tokens(model, processor, images):
         model(**split)
 
 
-def test_image_tokens_without_pixel_values(model, prompt_batch):
-    with pytest.raises(ValueError, match="no pixel_values were given"):
-        model(input_ids=prompt_batch["input_ids"], attention_mask=prompt_batch["attention_mask"])
+def test_image_tokens_without_pixel_values_are_plain_tokens(prompt_batch):
+    """As in native VLMs (an assistant model in assisted decoding gets no images): placeholders are embedded as the
+    ordinary tokens they are."""
+    model = build_model()
+    input_ids, attention_mask = prompt_batch["input_ids"], prompt_batch["attention_mask"]
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        text_only = model.model.language_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    torch.testing.assert_close(logits, model.lm_head(text_only))
 
 
 def test_anyres_without_image_sizes(model, prompt_batch):

@@ -8,8 +8,15 @@ from torch.nn import functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from vr_hf.modeling import vision_remember
-from vr_hf.modeling.image_layout import ImageLayout, image_windows, stack_windows
-from vr_hf.modeling.vision_remember import AttentionSettings, OutputProjection, VisionRemember, attend_windows
+from vr_hf.modeling.image_layout import ImageLayout, image_windows
+from vr_hf.modeling.modeling_vision_remember_base import RememberImageOutputs, remember_windows
+from vr_hf.modeling.vision_remember import (
+    AttentionSettings,
+    OutputProjection,
+    TokenLayout,
+    VisionRemember,
+    attend_windows,
+)
 from vr_hf.tiny import tiny_config
 
 
@@ -98,25 +105,31 @@ def blocks(downsample_factor: int, interaction: str, implementation: str, dtype)
     return module.to(dtype)
 
 
-def context_inputs(module: VisionRemember, dtype):
-    """Two samples with one AnyRes image each (unpadded tiles, newline tokens), a text-only sample, left padding."""
+def context_inputs(module: VisionRemember, dtype, device="cpu"):
+    """Two samples with one AnyRes image each (unpadded tiles, newline tokens), a text-only sample, left padding:
+    the layout, features and windows `prepare` takes, and hidden states."""
     config = module.config
     sizes = [(50, 100), (100, 80)]
-    windows = image_windows(config, sizes)
-    window_index = stack_windows(windows)
     layout = ImageLayout.from_config(config)
-    num_features = sum(layout.num_views(size) for size in sizes) * config.grid_size**2
-    features = torch.randn(num_features, config.remember_feature_size).to(dtype)
-
-    counts = [len(window) for window in windows]
+    rows = [layout.num_views(size) * config.grid_size**2 for size in sizes]
+    local = image_windows(config, sizes)
+    images = RememberImageOutputs(
+        pooler_output=local,
+        remember_features=tuple(torch.randn(count, config.remember_feature_size).to(dtype) for count in rows),
+        window_index=remember_windows(config, local, rows),
+    )
+    counts = [len(window) for window in local]
     length = max(counts) + 8
-    token_batch = torch.cat([torch.full((count,), row) for row, count in enumerate(counts)])
-    token_position = torch.cat([torch.arange(count) + 5 + 2 * row for row, count in enumerate(counts)])
+    placeholders = torch.zeros(3, length, dtype=torch.bool)
+    for row, count in enumerate(counts):
+        placeholders[row, 5 + 2 * row : 5 + 2 * row + count] = True
     guidance_mask = torch.zeros(3, length, dtype=torch.bool)
     guidance_mask[:, 2:5] = True
     guidance_mask[1, :] = False  # one sample without prompt text: its text-guided token is masked out
     hidden_states = torch.randn(3, length, config.text_config.hidden_size).to(dtype)
-    return (features, token_batch, token_position, window_index, guidance_mask), hidden_states
+    token_layout = TokenLayout.from_placeholders(placeholders, guidance_mask.to(device), torch.device(device))
+    features, window_index = images.packed()
+    return (token_layout, features.to(device), window_index.to(device)), hidden_states.to(device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -131,9 +144,8 @@ def test_blocks_equal_reference(downsample_factor, interaction, implementation, 
     fast = blocks(downsample_factor, interaction, implementation, dtype)
     inputs, hidden_states = context_inputs(reference, dtype)
     context = reference.prepare(*inputs)
-    assert (context.window_mask is not None) == (interaction == "global"), (
-        "global windows of unequal images have holes"
-    )
+    holes = ~context.window_mask[context.windowed]
+    assert bool(holes.any()) == (interaction == "global"), "only global windows of unequal images have holes"
     assert not context.windowed.all(), "newline tokens have no window"
     assert context.window_features.dtype == dtype
 
@@ -173,8 +185,7 @@ def test_flash_falls_back_to_sdpa_and_says_why(monkeypatch):
 def test_flash_attention_equals_reference_on_gpu(downsample_factor, interaction):
     reference = blocks(downsample_factor, interaction, "eager", torch.bfloat16).cuda()
     fast = blocks(downsample_factor, interaction, "flash_attention_2", torch.bfloat16).cuda()
-    inputs, hidden_states = context_inputs(reference, torch.bfloat16)
-    inputs, hidden_states = [tensor.cuda() for tensor in inputs], hidden_states.cuda()
+    inputs, hidden_states = context_inputs(reference, torch.bfloat16, "cuda")
     assert not vision_remember.flash_problems(fast.layers["0"].self_attention.attention, hidden_states)
     with torch.no_grad():
         expected = reference.layers["0"](hidden_states, reference.prepare(*inputs))

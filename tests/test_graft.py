@@ -25,7 +25,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from vr_hf import VisionRememberMiniCPMV4_6ForConditionalGeneration, VisionRememberQwen2_5_VLForConditionalGeneration
 from vr_hf.conversion import ConversionError, graft_minicpmv4_6, graft_qwen2_5_vl, strip_vision_remember
 from vr_hf.conversion.graft import CarriedFiles
-from vr_hf.modeling.modeling_vision_remember_graft import RememberImageOutputs
+from vr_hf.modeling.modeling_vision_remember_base import RememberImageOutputs
 from vr_hf.modeling.vision_remember import OutputProjection
 from vr_hf.tiny import byte_tokenizer
 
@@ -211,6 +211,10 @@ def test_graft_keeps_weights_and_adds_its_own(checkpoints, name):
     card = (checkpoints["grafted"][name] / "README.md").read_text()
     assert "trust_remote_code=True" in card and "[0, 2]" in card
     assert (checkpoints["grafted"][name] / "tokenizer.json").is_file()
+    shared = {"configuration_vision_remember_settings", "configuration_vision_remember_graft"}
+    shared |= {"modeling_vision_remember_base", "vision_remember"}
+    own = {f"configuration_vision_remember_{name}", f"modeling_vision_remember_{name}"}
+    assert {path.stem for path in checkpoints["grafted"][name].glob("*.py")} == shared | own
 
 
 @pytest.mark.parametrize("name", ["qwen2_5_vl", "minicpmv4_6"])
@@ -331,7 +335,12 @@ def test_sft_trainer_step(checkpoints, name, tmp_path):
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=dataset, data_collator=lambda rows: dict(batch))
     guidance = []
     prepare = model.model.vision_remember.prepare
-    model.model.vision_remember.prepare = lambda *args: guidance.append(args[-1].clone()) or prepare(*args)
+
+    def spy_prepare(layout, *args):
+        guidance.append(layout.guidance_mask.clone())
+        return prepare(layout, *args)
+
+    model.model.vision_remember.prepare = spy_prepare
     try:
         trainer.train()
     finally:

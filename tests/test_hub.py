@@ -34,7 +34,9 @@ from vr_hf.tiny import byte_tokenizer, tiny_config
 
 REMOTE_CODE_FILES = [
     "configuration_vision_remember.py",
+    "configuration_vision_remember_settings.py",
     "modeling_vision_remember.py",
+    "modeling_vision_remember_base.py",
     "vision_remember.py",
     "projectors.py",
     "image_layout.py",

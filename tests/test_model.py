@@ -59,10 +59,16 @@ def test_answer_never_reaches_prompt_positions(processor, images):
     assert first["input_ids"].shape == second["input_ids"].shape
     assert not torch.equal(first["input_ids"], second["input_ids"])
 
-    prompt_logits = lambda batch, labels: model(**batch, labels=labels).logits[:, :prompt_length]  # noqa: E731
-    assert torch.equal(prompt_logits(first, labels_first), prompt_logits(second, labels_second))
-    # The reference: without labels, the whole text guides Vision Remember, so the answer does reach the prompt.
-    assert not torch.allclose(prompt_logits(first, None), prompt_logits(second, None))
+    def prompt_logits(batch, **kwargs):
+        return model(**batch, **kwargs).logits[:, :prompt_length]
+
+    # With labels (training), and without them: the prompt ends after its chat template's generation prompt.
+    assert torch.equal(prompt_logits(first, labels=labels_first), prompt_logits(second, labels=labels_second))
+    assert torch.equal(prompt_logits(first), prompt_logits(second))
+    # The reference: pooling the whole text into the text-guided token, the answer does reach the prompt.
+    everything = torch.ones_like(first["input_ids"], dtype=torch.bool)
+    leaked = prompt_logits(first, prompt_mask=everything), prompt_logits(second, prompt_mask=everything)
+    assert not torch.allclose(*leaked)
 
 
 def greedy(model, batch, **kwargs):

@@ -212,10 +212,10 @@ def run_sft_step(tmp_path_factory, from_folder: bool = False):
         calls.append({"args": len(args), "kwargs": dict(kwargs), "guidance": []})
         return original_forward(*args, **kwargs)
 
-    def spy_prepare(features, token_batch, token_position, window_index, guidance):
+    def spy_prepare(layout, features, window_index):
         if calls:
-            calls[-1]["guidance"].append(guidance.clone())
-        return original_prepare(features, token_batch, token_position, window_index, guidance)
+            calls[-1]["guidance"].append(layout.guidance_mask.clone())
+        return original_prepare(layout, features, window_index)
 
     base.forward = spy_forward
     base.vision_remember.prepare = spy_prepare

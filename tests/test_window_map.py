@@ -86,10 +86,11 @@ def run_and_capture(model: VisionRememberModel, image_sizes: list) -> dict:
     captured = {}
     prepare = model.vision_remember.prepare
 
-    def capture_prepare(features, token_batch, token_position, window_index, guidance_mask):
-        captured.update(features=features, token_batch=token_batch, token_position=token_position)
+    def capture_prepare(layout, features, window_index):
+        captured.update(features=features, token_batch=layout.token_batch, token_position=layout.token_position)
         captured["window_index"] = window_index
-        return prepare(features, token_batch, token_position, window_index, guidance_mask)
+        captured["context"] = prepare(layout, features, window_index)
+        return captured["context"]
 
     def capture_embeds(module, args, kwargs):
         captured["inputs_embeds"] = kwargs["inputs_embeds"]
@@ -109,7 +110,19 @@ def run_and_capture(model: VisionRememberModel, image_sizes: list) -> dict:
         del model.vision_remember.prepare
     batch, position = captured["token_batch"], captured["token_position"]
     captured["tokens"] = captured["inputs_embeds"][batch, position]
+    check_prepared_windows(model, captured)
     return captured
+
+
+def check_prepared_windows(model: VisionRememberModel, captured: dict):
+    """The context the blocks read holds, for every token with a window, exactly the normalised features its window
+    names, and only those attend."""
+    context, windows = captured["context"], captured["window_index"]
+    normalized = model.vision_remember.normalize_features(captured["features"])
+    windowed = (windows >= 0).any(dim=1)
+    assert torch.equal(context.windowed, windowed)
+    torch.testing.assert_close(context.window_features[windowed], normalized[windows[windowed].clamp(min=0)])
+    assert torch.equal(context.window_mask[windowed], windows[windowed] >= 0)
 
 
 def decode_window(config, features: torch.Tensor, window: torch.Tensor) -> list[tuple[int, int, int]]:

@@ -34,3 +34,19 @@ def build_processor(config: VisionRememberConfig, tokenizer, **image_processor_k
         tokens_per_side=config.tokens_per_side,
         image_token=image_token,
     )
+
+
+def generation_prompt_ids(tokenizer, chat_template: str | None = None) -> list[int] | None:
+    """The token ids a chat template's generation prompt adds (`<|im_start|>assistant\n` for ChatML): what
+    `generation_prompt_ids` in a Vision Remember config needs. `chat_template` defaults to the tokenizer's own; None
+    where there is none, or it adds nothing."""
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    if not template:
+        return None
+    messages = [{"role": "user", "content": "?"}]
+    render = dict(chat_template=template, tokenize=False)
+    plain = tokenizer.apply_chat_template(messages, **render)
+    prompted = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **render)
+    if prompted == plain or not prompted.startswith(plain):
+        return None
+    return tokenizer(prompted[len(plain) :], add_special_tokens=False)["input_ids"]

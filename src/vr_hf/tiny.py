@@ -1,9 +1,13 @@
 """Tiny, randomly initialised parts that need no download: for tests, examples and CPU benchmarks."""
 
+from functools import cache
+
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from .modeling.configuration_vision_remember import VisionRememberConfig
+from .modeling.processing_vision_remember import CHAT_TEMPLATE
+from .processor import generation_prompt_ids
 
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
@@ -23,6 +27,12 @@ def byte_tokenizer(
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, eos_token=eos_token, pad_token=pad_token, padding_side="left"
     )
+
+
+@cache
+def byte_generation_prompt_ids() -> tuple[int, ...]:
+    """`<|im_start|>assistant\n` in the byte tokenizer's ids: the generation prompt of the processor's template."""
+    return tuple(generation_prompt_ids(byte_tokenizer(), CHAT_TEMPLATE))
 
 
 def tiny_config(**overrides) -> VisionRememberConfig:
@@ -56,6 +66,7 @@ def tiny_config(**overrides) -> VisionRememberConfig:
         vision_feature_layers=[1, 2, 3],
         remember_after_layers=[0, 2],
         cross_attention_heads=4,
+        generation_prompt_ids=list(byte_generation_prompt_ids()),
         image_grid_pinpoints=[[36, 72], [72, 36], [72, 72]],
         pad_token_id=256,
         eos_token_id=258,

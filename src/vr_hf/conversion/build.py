@@ -21,7 +21,8 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from ..modeling import VisionRememberConfig, VisionRememberForConditionalGeneration
-from ..processor import build_processor
+from ..modeling.processing_vision_remember import CHAT_TEMPLATE
+from ..processor import build_processor, generation_prompt_ids
 
 
 IMAGE_TOKEN = "<|image_pad|>"
@@ -104,11 +105,6 @@ def _text_config(config):
             "LM (Qwen2, Llama, ...)."
         )
     return config
-
-
-def default_vision_feature_layers(num_layers: int) -> list[int]:
-    """The paper's choice, scaled to the tower's depth: `[7, 15, 23]` for 24 layers (ends of each third)."""
-    return sorted({max(0, num_layers * part // 3 - 1) for part in (1, 2, 3)})
 
 
 def _add_special_tokens(tokenizer) -> list[str]:
@@ -302,11 +298,11 @@ def build_from_parts(
     num_positions = getattr(getattr(probe, "vision_model", probe).embeddings, "num_positions", grid * grid)
     del probe
     settings = dict(
-        vision_feature_layers=default_vision_feature_layers(vision_config.num_hidden_layers),
         vision_feature_select_strategy="default" if num_positions == grid * grid + 1 else "full",
         tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        generation_prompt_ids=generation_prompt_ids(tokenizer, CHAT_TEMPLATE),
     )
     settings.update(config_overrides)
     text_config_dict = dict(text_config.to_dict(), vocab_size=vocab_size)
@@ -383,4 +379,4 @@ def build_from_parts(
     return output_dir
 
 
-__all__ = ["ConversionError", "build_from_parts", "default_vision_feature_layers"]
+__all__ = ["ConversionError", "build_from_parts"]

@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from ..modeling.configuration_vision_remember import INTERACTION_TYPES
+from ..modeling.configuration_vision_remember_settings import INTERACTION_TYPES
 
 
 SWITCHES = ("multi_level", "bidirectional", "text_guidance", "identity_init")

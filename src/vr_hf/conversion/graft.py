@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import StrictDataclassError
-from transformers import PreTrainedConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import AutoTokenizer, PreTrainedConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.models.minicpmv4_6 import MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
 
 from ..modeling import (
@@ -30,6 +30,7 @@ from ..modeling import (
     VisionRememberQwen2_5_VLForConditionalGeneration,
 )
 from ..modeling.configuration_vision_remember_graft import VisionRememberGraftConfig
+from ..processor import generation_prompt_ids
 from .build import ConversionError, _check_output_dir, _load, _source, _write
 
 
@@ -112,10 +113,21 @@ def _graft_config(backbone: Backbone, source: str, settings: dict):
             f"Unknown Vision Remember settings {unknown}: use {VisionRememberGraftConfig.graft_fields()}."
         )
     native = _load(backbone.config_class.from_pretrained, source, f"{backbone.name} config")
+    if "generation_prompt_ids" not in settings:
+        settings = dict(settings, generation_prompt_ids=_generation_prompt_ids(source))
     try:
         return backbone.graft_config_class(**_config_arguments(native), **settings)
     except (StrictDataclassError, TypeError) as error:  # the config's own checks: each names the field and the fix
         raise ConversionError(f"Invalid Vision Remember settings for this checkpoint: {error}") from error
+
+
+def _generation_prompt_ids(source: str) -> list[int] | None:
+    """The source tokenizer's chat-template generation prompt, or None where it has no tokenizer or template."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError):
+        return None
+    return generation_prompt_ids(tokenizer)
 
 
 def _copy_weights(target: torch.nn.Module, state: dict):

@@ -1,0 +1,357 @@
+"""What every model with Vision Remember shares, LLaVA-VR and the grafted native VLMs alike: one image path.
+
+A model mixes `VisionRememberModelMixin` into a model whose forward takes pre-encoded images as `mm_encoder_outputs`
+and hands its `**kwargs` to every decoder layer (LLaVA-VR's own, Transformers' `Qwen2_5_VLModel`, `MiniCPMV4_6Model`),
+and `VisionRememberForConditionalGenerationMixin` into its head. A backbone only says how its encoder yields each
+image's vision tokens, multi-level features and windows (`get_image_features`, returning `RememberImageOutputs`), which
+arguments it takes (`encode_images`), and how many vision tokens each image makes before encoding it
+(`image_token_counts`). Everything else is here, once:
+
+- the placeholders, found from `input_ids` or, without them, by comparing `inputs_embeds` with the image token's
+  embedding, and checked against the images before any image is encoded;
+- the prompt rule (`guidance_mask`): which text feeds the text-guided token;
+- the Vision Remember context, handed to the decoder layers' hooks through the native forward's `**kwargs`;
+- generation: images encoded once, their Vision Remember extras regrouped per beam and returned sequence like
+  `pooler_output`, the prompt pinned so that generated text never feeds the text-guided token.
+"""
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import logging
+
+from .vision_remember import NO_WINDOW, TokenLayout, VisionRemember, init_vision_remember_weights, stack_windows
+
+
+logger = logging.get_logger(__name__)
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class RememberImageOutputs(BaseModelOutputWithPooling):
+    r"""
+    The native `get_image_features` outputs (each image's vision tokens as `pooler_output`), plus what Vision Remember
+    reads, per image like `pooler_output`, so that generation regroups them per beam or returned sequence the same way:
+
+    remember_features (`tuple(torch.FloatTensor)`, one of shape `(feature_rows, L * Dv)` per image):
+        The multi-level vision features of each image. None for a model without Vision Remember.
+    window_index (`tuple(torch.LongTensor)`, one of shape `(vision_tokens, window)` per image):
+        Each of the image's vision tokens' rows of its `remember_features`, -1 where none.
+    """
+
+    remember_features: tuple[torch.FloatTensor, ...] | None = None
+    window_index: tuple[torch.LongTensor, ...] | None = None
+
+    def token_counts(self) -> list[int]:
+        return [len(tokens) for tokens in self.pooler_output]
+
+    def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All images' features `(rows, L * Dv)` and every token's window of them `(tokens, widest window)`."""
+        start, windows = 0, []
+        for features, window in zip(self.remember_features, self.window_index):
+            windows.append(torch.where(window == NO_WINDOW, NO_WINDOW, window + start))
+            start += len(features)
+        return torch.cat(self.remember_features), stack_windows(windows)
+
+    def select_images(self, order: list[int]):
+        """Keep images `order` (repeats allowed), in that order."""
+        self.pooler_output = [self.pooler_output[index] for index in order]
+        if self.remember_features is not None:
+            self.remember_features = tuple(self.remember_features[index] for index in order)
+            self.window_index = tuple(self.window_index[index] for index in order)
+
+
+def placeholder_mask(model, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+    """`(batch, sequence)`: where `model`'s image tokens are, from `input_ids` or, without them, by their embedding."""
+    if input_ids is not None:
+        return input_ids == model.config.image_token_id
+    image_token = torch.tensor(model.config.image_token_id, device=inputs_embeds.device)
+    return (inputs_embeds == model.get_input_embeddings()(image_token)).all(dim=-1)
+
+
+def check_image_tokens(placeholders: torch.Tensor, tokens_per_image: list[int]):
+    """Raise unless each sample's image placeholders (a `(batch, sequence)` mask on the host) are whole images, in
+    order."""
+    per_sample = placeholders.sum(dim=1).tolist()
+    if sum(per_sample) != sum(tokens_per_image):
+        raise ValueError(
+            f"The text holds {sum(per_sample)} image tokens but the {len(tokens_per_image)} images need "
+            f"{sum(tokens_per_image)} ({tokens_per_image} per image): build the inputs with the model's processor, "
+            "which writes one image token per vision token, and pass exactly one image per image placeholder."
+        )
+    boundaries = set(torch.tensor([0] + tokens_per_image).cumsum(0).tolist())
+    seen = 0
+    for sample, count in enumerate(per_sample):
+        seen += count
+        if seen not in boundaries:
+            raise ValueError(
+                f"sample {sample} ends in the middle of an image: its image tokens do not add up to whole images "
+                f"({tokens_per_image} tokens per image). The text was probably truncated inside an image placeholder: "
+                "raise max_length, or truncate before the image."
+            )
+
+
+def before_last_generation_prompt(input_ids: torch.Tensor, prompt_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(batch, sequence)` True up to the end of each sample's last `prompt_ids`, and `(batch,)` whether it has one."""
+    width = len(prompt_ids)
+    if input_ids.shape[1] < width:
+        return torch.ones_like(input_ids, dtype=torch.bool), input_ids.new_zeros(len(input_ids), dtype=torch.bool)
+    windows = input_ids.unfold(1, width, 1)
+    found = (windows == torch.tensor(prompt_ids, device=input_ids.device)).all(dim=-1)
+    ends = torch.arange(width, input_ids.shape[1] + 1, device=input_ids.device)
+    end = torch.where(found, ends, 0).amax(dim=1)
+    has_prompt = found.any(dim=1)
+    end = torch.where(has_prompt, end, input_ids.shape[1])
+    return torch.arange(input_ids.shape[1], device=input_ids.device)[None] < end[:, None], has_prompt
+
+
+def guidance_mask(
+    config,
+    input_ids: torch.Tensor | None,
+    placeholders: torch.Tensor,
+    attention_mask: torch.Tensor | dict | None,
+    labels: torch.Tensor | None,
+    prompt_mask: torch.Tensor | None,
+    has_vision_tokens: torch.Tensor,
+) -> torch.Tensor:
+    """The `(batch, sequence)` positions whose hidden states feed the text-guided token: each sample's prompt text.
+
+    Placeholders (of every modality) and padding never feed it, and neither does any text after the prompt, which is:
+    - with `labels`, the text before each sample's first supervised token, so that no answer is pooled in training;
+    - with `prompt_mask` (which `generate()` sets to the prompt it was given), the positions it marks;
+    - otherwise the text up to the end of each sample's last generation prompt (`config.generation_prompt_ids`), so
+      that a continuation scored after a chat prompt never feeds it. A sample without one pools all of its text, and
+      a warning says so once.
+    `has_vision_tokens` (`(batch,)`, on the host) says which samples' guidance matters, for the warnings.
+    """
+    mask = ~placeholders
+    video_token_id = getattr(config, "video_token_id", None)
+    if input_ids is not None and video_token_id is not None:
+        mask &= input_ids != video_token_id
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        mask &= attention_mask.bool()
+    if prompt_mask is not None:
+        prompt_mask = prompt_mask.bool()[:, : mask.shape[1]]
+        mask &= nn.functional.pad(prompt_mask, (0, mask.shape[1] - prompt_mask.shape[1]), value=False)
+    if labels is not None:
+        mask &= (labels != IGNORE_INDEX).cumsum(dim=-1) == 0
+        if not torch.compiler.is_compiling() and bool((~mask.any(dim=1)).cpu()[has_vision_tokens].any()):
+            logger.warning_once(
+                "The labels supervise a sample with images from its first text token, so no prompt text feeds its "
+                "text-guided token in training, while at inference its prompt does: supervise the answers only "
+                "(labels -100 on the prompt, or SFTConfig(assistant_only_loss=True))."
+            )
+    elif prompt_mask is None:
+        prompt_ids, has_prompt = config.generation_prompt_ids, None
+        if input_ids is not None and prompt_ids:
+            before, has_prompt = before_last_generation_prompt(input_ids, prompt_ids)
+            mask &= before
+        unknown = has_vision_tokens if has_prompt is None else has_vision_tokens & ~has_prompt.cpu()
+        if not torch.compiler.is_compiling() and bool(unknown.any()):
+            logger.warning_once(
+                "Vision Remember cannot tell where the prompt of a sample ends (it has no generation prompt "
+                f"{prompt_ids} in input_ids), so all of its text feeds the text-guided token, a continuation scored "
+                "after the prompt included: pass labels (-100 on the prompt) or prompt_mask (True on the prompt)."
+            )
+    return mask
+
+
+def hand_labels_to_model(module, args, kwargs):
+    """Forward pre-hook on the head. Trainers with a fused LM head (TRL's `SFTTrainer`) keep `labels` for themselves
+    and call `self.model` without them: hand them over, so the text-guided token still never pools an answer."""
+    module.model.caller_labels = kwargs.get("labels")
+
+
+def forget_caller_labels(module, args, kwargs, output):
+    module.model.caller_labels = None
+
+
+def _keep_input(states: dict, index: int, module, args):
+    states[index] = args[0]
+
+
+def _keep_output(states: dict, index: int, module, args, output):
+    states[index] = output
+
+
+@contextmanager
+def capture_hidden_states(layers: nn.ModuleList, indices: list[int]):
+    """Collect the encoder's `hidden_states[index]` (0: the input of `layers[0]`, `i`: the output of `layers[i - 1]`)
+    while it runs inside the `with` block, without keeping the others."""
+    states = {}
+    handles = [
+        layers[0].register_forward_pre_hook(partial(_keep_input, states, 0))
+        if index == 0
+        else layers[index - 1].register_forward_hook(partial(_keep_output, states, index))
+        for index in set(indices)
+    ]
+    try:
+        yield states
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def remember_windows(config, local: list[torch.Tensor], rows_per_image: list[int]) -> tuple[torch.Tensor, ...]:
+    """Each image's token windows, as rows of its own features: each token's local window (the features it was
+    compressed from), or for `interaction="global"` every row of its image, for each token that has a local one."""
+    if config.interaction != "global":
+        return tuple(local)
+    return tuple(
+        torch.where(window[:, :1] >= 0, torch.arange(rows, device=window.device), NO_WINDOW)
+        for window, rows in zip(local, rows_per_image)
+    )
+
+
+class VisionRememberPreTrainedMixin:
+    """Initialises the Vision Remember weights; goes first in the bases of both the model and its head."""
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        init_vision_remember_weights(module, self.config.identity_init)
+
+
+class VisionRememberModelMixin(VisionRememberPreTrainedMixin):
+    """Adds `vision_remember` to a model with a decoder at `language_model.layers`.
+
+    The backbone defines `get_image_features` (returning `RememberImageOutputs`), `encode_images(pixel_values,
+    **kwargs)` (its `get_image_features`, called with the arguments of its forward) and `image_token_counts(
+    pixel_values, **kwargs)` (vision tokens per image, from the same arguments, before any image is encoded).
+    """
+
+    caller_labels = None  # the head's `labels` when a trainer calls this module without them
+
+    def attach_vision_remember(self):
+        """Call in `__init__`, after the decoder is built, before `post_init`."""
+        self.vision_remember = VisionRemember(self.config)
+        self.vision_remember.attach(self.language_model.layers)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+        mm_encoder_outputs: dict | None = None,
+        **kwargs,
+    ):
+        r"""
+        Takes every argument of the native forward, and:
+
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Only used to keep answers out of the text-guided token: text from each sample's first supervised token on
+            never feeds it. The loss is the head's.
+        prompt_mask (`torch.BoolTensor` of shape `(batch_size, prompt_length)`, *optional*):
+            True on each sample's prompt: only those positions (and none after `prompt_length`) feed the text-guided
+            token. `generate()` sets it to the prompt it was given; pass it when scoring continuations without labels.
+        """
+        images = (mm_encoder_outputs or {}).get("image")
+        if pixel_values is not None and images is not None:
+            raise ValueError("Pass either pixel_values or mm_encoder_outputs['image'], not both.")
+        if pixel_values is not None and len(pixel_values) > 0 or images is not None:
+            placeholders = placeholder_mask(self, input_ids, inputs_embeds)
+            on_host = placeholders.cpu()  # the one read from the device: before any image is encoded
+            counts = self.image_token_counts(pixel_values, **kwargs) if images is None else images.token_counts()
+            check_image_tokens(on_host, counts)
+            layout = None
+            if getattr(self, "vision_remember", None) is not None:
+                labels = labels if labels is not None else self.caller_labels
+                layout = self.token_layout(on_host, placeholders, input_ids, attention_mask, labels, prompt_mask)
+            if images is None:
+                images = self.encode_images(pixel_values, **kwargs)
+                mm_encoder_outputs, pixel_values = {**(mm_encoder_outputs or {}), "image": images}, None
+            if layout is not None:
+                if images.remember_features is None:
+                    raise ValueError(
+                        "mm_encoder_outputs['image'] holds no Vision Remember features: pass pixel_values, or the "
+                        "output of this model's own get_image_features."
+                    )
+                kwargs["vision_remember"] = self.vision_remember.prepare(layout, *images.packed())
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            inputs_embeds=inputs_embeds,
+            mm_encoder_outputs=mm_encoder_outputs,
+            **kwargs,
+        )
+
+    def token_layout(self, on_host, placeholders, input_ids, attention_mask, labels, prompt_mask) -> TokenLayout:
+        guidance = None
+        if self.vision_remember.text_guidance:
+            has_vision_tokens = on_host.any(dim=1)
+            guidance = guidance_mask(
+                self.config, input_ids, placeholders, attention_mask, labels, prompt_mask, has_vision_tokens
+            )
+        return TokenLayout.from_placeholders(on_host, guidance, placeholders.device)
+
+
+class VisionRememberForConditionalGenerationMixin(VisionRememberPreTrainedMixin):
+    """The head: hands trainers' labels to the model, keeps generated text out of the text-guided token, and regroups
+    the Vision Remember features with the images when generation expands samples into beams or returned sequences."""
+
+    def hand_labels_to_model(self):
+        """Call in `__init__`. Trainers with a fused LM head call `self.model` without `labels`: hand them over, so
+        the text-guided token still never pools an answer."""
+        self.register_forward_pre_hook(hand_labels_to_model, with_kwargs=True)
+        self.register_forward_hook(forget_caller_labels, with_kwargs=True, always_call=True)
+
+    def generate(self, inputs: torch.Tensor | None = None, **kwargs):
+        """`GenerationMixin.generate`, with the prompt pinned (`prompt_mask`): generated text never feeds Vision
+        Remember, whatever the cache, the decoding strategy or an assistant's candidate tokens."""
+        pre_encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        has_images = kwargs.get("pixel_values") is not None or pre_encoded is not None
+        if has_images and "prompt_mask" not in kwargs:
+            generation_config = kwargs.get("generation_config") or self.generation_config
+            if kwargs.get("prefill_chunk_size") or getattr(generation_config, "prefill_chunk_size", None):
+                raise ValueError(
+                    "Vision Remember reads the whole prompt in one prefill (its text-guided token pools all of it), "
+                    "so chunked prefill cannot run it: generate with prefill_chunk_size=None."
+                )
+            prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+            if prompt is not None:
+                attention_mask = kwargs.get("attention_mask")
+                kwargs["prompt_mask"] = (
+                    attention_mask.bool()
+                    if attention_mask is not None
+                    else torch.ones(prompt.shape[:2], dtype=torch.bool, device=prompt.device)
+                )
+        return super().generate(inputs, **kwargs)
+
+    def _expand_multimodal_outputs(self, input_ids, mm_encoder_output: dict, expand_size: int = 1, **kwargs) -> dict:
+        """Generation regroups `pooler_output` per sample for each beam or returned sequence: regroup the Vision
+        Remember features the same way. Markers in place of `pooler_output` (same lengths, filled with the image's
+        index) say where each image went."""
+        image = mm_encoder_output.get("image")
+        if not isinstance(image, RememberImageOutputs):
+            return super()._expand_multimodal_outputs(input_ids, mm_encoder_output, expand_size, **kwargs)
+        pooled = list(image.pooler_output)
+        image.pooler_output = [torch.full((len(tokens),), index) for index, tokens in enumerate(pooled)]
+        mm_encoder_output = super()._expand_multimodal_outputs(input_ids, mm_encoder_output, expand_size, **kwargs)
+        order = [int(marker[0]) for marker in image.pooler_output]
+        image.pooler_output = pooled
+        image.select_images(order)
+        return mm_encoder_output
+
+    def _validate_model_kwargs(self, model_kwargs: dict):
+        """A native head's forward takes `prompt_mask` through `**kwargs` and hands it to `self.model`."""
+        model_kwargs.pop("prompt_mask", None)
+        super()._validate_model_kwargs(model_kwargs)
+
+
+__all__ = [
+    "RememberImageOutputs",
+    "VisionRememberForConditionalGenerationMixin",
+    "VisionRememberModelMixin",
+    "capture_hidden_states",
+    "placeholder_mask",
+    "remember_windows",
+]
