@@ -24,12 +24,25 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import logging
 
-from .vision_remember import NO_WINDOW, TokenLayout, VisionRemember, init_vision_remember_weights, stack_windows
+from .vision_remember import (
+    NO_WINDOW,
+    TokenLayout,
+    VisionRemember,
+    fork_rng_on,
+    init_vision_remember_weights,
+    stack_windows,
+)
 
 
 logger = logging.get_logger(__name__)
 
 IGNORE_INDEX = -100
+REFUSED_WITH_IMAGES = {
+    "prefill_chunk_size": "its text-guided token pools the whole prompt, so the prompt must be read in one prefill "
+    "(generate with prefill_chunk_size=None)",
+    "prompt_lookup_num_tokens": "prompt lookup proposes tokens copied from the prompt, image placeholders among them, "
+    "which would read as more images than were given (decode with an assistant model, or without one)",
+}
 
 
 @dataclass
@@ -211,10 +224,26 @@ def remember_windows(config, local: list[torch.Tensor], rows_per_image: list[int
 class VisionRememberPreTrainedMixin:
     """Initialises the Vision Remember weights; goes first in the bases of both the model and its head."""
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """Transformers initialises custom code conservatively: it skips every module without parameters of its own,
+        which would skip the nested vision tower's own scheme (SigLIP initialises its attention and MLP modules) for
+        weights a checkpoint lacks. These models initialise with `transformers.initialization`, as native ones do."""
+        return False
+
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
         init_vision_remember_weights(module, self.config.identity_init)
+
+    def _initialize_weights(self, module, is_custom_code: bool = False):
+        """Vision Remember's weights draw from a random stream of their own (`VisionRemember.own_random_stream`)."""
+        remember = getattr(self, "vision_remember", None)
+        if remember is None or not any(module is part for part in remember.modules()):
+            return super()._initialize_weights(module, is_custom_code)
+        device = next(module.parameters(recurse=False), torch.empty(0)).device
+        with remember.own_random_stream(device):
+            super()._initialize_weights(module, is_custom_code)
 
 
 class VisionRememberModelMixin(VisionRememberPreTrainedMixin):
@@ -228,8 +257,10 @@ class VisionRememberModelMixin(VisionRememberPreTrainedMixin):
     caller_labels = None  # the head's `labels` when a trainer calls this module without them
 
     def attach_vision_remember(self):
-        """Call in `__init__`, after the decoder is built, before `post_init`."""
-        self.vision_remember = VisionRemember(self.config)
+        """Call in `__init__`, after the decoder is built, before `post_init`. Building the blocks draws nothing from
+        the global random stream."""
+        with fork_rng_on(torch.get_default_device()):
+            self.vision_remember = VisionRemember(self.config)
         self.vision_remember.attach(self.language_model.layers)
 
     def forward(
@@ -308,22 +339,20 @@ class VisionRememberForConditionalGenerationMixin(VisionRememberPreTrainedMixin)
         """`GenerationMixin.generate`, with the prompt pinned (`prompt_mask`): generated text never feeds Vision
         Remember, whatever the cache, the decoding strategy or an assistant's candidate tokens."""
         pre_encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
-        has_images = kwargs.get("pixel_values") is not None or pre_encoded is not None
-        if has_images and "prompt_mask" not in kwargs:
-            generation_config = kwargs.get("generation_config") or self.generation_config
-            if kwargs.get("prefill_chunk_size") or getattr(generation_config, "prefill_chunk_size", None):
-                raise ValueError(
-                    "Vision Remember reads the whole prompt in one prefill (its text-guided token pools all of it), "
-                    "so chunked prefill cannot run it: generate with prefill_chunk_size=None."
-                )
-            prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-            if prompt is not None:
-                attention_mask = kwargs.get("attention_mask")
-                kwargs["prompt_mask"] = (
-                    attention_mask.bool()
-                    if attention_mask is not None
-                    else torch.ones(prompt.shape[:2], dtype=torch.bool, device=prompt.device)
-                )
+        if kwargs.get("pixel_values") is None and pre_encoded is None:
+            return super().generate(inputs, **kwargs)
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        for setting, reason in REFUSED_WITH_IMAGES.items():
+            if kwargs.get(setting) or getattr(generation_config, setting, None):
+                raise ValueError(f"Vision Remember cannot generate with {setting}: {reason}")
+        prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if "prompt_mask" not in kwargs and prompt is not None:
+            attention_mask = kwargs.get("attention_mask")
+            kwargs["prompt_mask"] = (
+                attention_mask.bool()
+                if attention_mask is not None
+                else torch.ones(prompt.shape[:2], dtype=torch.bool, device=prompt.device)
+            )
         return super().generate(inputs, **kwargs)
 
     def _expand_multimodal_outputs(self, input_ids, mm_encoder_output: dict, expand_size: int = 1, **kwargs) -> dict:

@@ -25,6 +25,7 @@ Attention follows the model's `attn_implementation`:
 """
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -147,6 +148,22 @@ class SamplingOffsets(nn.Linear):
     def __init__(self, in_features: int, num_points: int):
         super().__init__(in_features, 2 * num_points)
         self.num_points = num_points
+
+
+def fork_rng_on(device: torch.device):
+    """`torch.random.fork_rng` for the CPU and `device`: random numbers drawn inside leave the global streams as they
+    were."""
+    device = torch.device(device)
+    accelerator = [] if device.type in ("cpu", "meta") else [device]
+    return torch.random.fork_rng(devices=accelerator, device_type=device.type if accelerator else "cuda")
+
+
+def rng_state_accessors(device: torch.device) -> tuple:
+    """`(get_state, set_state)` of the random stream that initialises tensors on `device`."""
+    if device.type in ("cpu", "meta"):
+        return torch.get_rng_state, torch.set_rng_state
+    module = torch.get_device_module(device)
+    return partial(module.get_rng_state, device), partial(module.set_rng_state, device=device)
 
 
 def init_vision_remember_weights(module: nn.Module, identity_init: bool):
@@ -384,6 +401,20 @@ class VisionRemember(nn.Module):
         self.layers = nn.ModuleDict(
             {str(index): VisionRememberLayer(config) for index in config.remember_after_layers}
         )
+
+    @contextmanager
+    def own_random_stream(self, device: torch.device):
+        """Draw the random numbers of the block from a stream of the blocks' own, started from the global stream the
+        first time, and leave the global stream as it was: a model with Vision Remember and one without it, built from
+        the same seed, share every other weight."""
+        device = torch.device(device)
+        get_state, set_state = rng_state_accessors(device)
+        with fork_rng_on(device):
+            streams = self.__dict__.setdefault("_init_rng_states", {})
+            if str(device) in streams:
+                set_state(streams[str(device)])
+            yield
+            streams[str(device)] = get_state()
 
     def attach(self, decoder_layers: nn.ModuleList):
         """Register the forward hooks that run each block after its decoder layer."""

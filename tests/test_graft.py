@@ -1,9 +1,4 @@
-"""Grafting Vision Remember onto native Qwen2.5-VL and MiniCPM-V 4.6 checkpoints, and stripping it off again.
-
-The stock processors of both need torchvision for their video part, which this CPU environment lacks: the inputs are
-built as the processors build them, from their own image processors (`...ImageProcessorPil`) and the placeholder
-expansion they apply (one image token per vision token, between the image start and end tokens).
-"""
+"""Grafting Vision Remember onto native Qwen2.5-VL and MiniCPM-V 4.6 checkpoints, and stripping it off again."""
 
 import json
 import os
@@ -12,35 +7,32 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-from transformers.models.minicpmv4_6 import MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
-from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers import AutoModelForImageTextToText
 
-from vr_hf import VisionRememberMiniCPMV4_6ForConditionalGeneration, VisionRememberQwen2_5_VLForConditionalGeneration
 from vr_hf.conversion import ConversionError, graft_minicpmv4_6, graft_qwen2_5_vl, strip_vision_remember
 from vr_hf.conversion.graft import CarriedFiles
 from vr_hf.modeling.modeling_vision_remember_base import RememberImageOutputs
-from vr_hf.modeling.vision_remember import OutputProjection
-from vr_hf.tiny import byte_tokenizer
+
+from conftest import random_image
+from tiny_grafts import (
+    ANSWER,
+    GRAFT,
+    GRAFTED_CLASS,
+    IMAGE,
+    PROMPT,
+    SETTINGS,
+    coded_image,
+    image_inputs,
+    perturb,
+    tensors,
+    tiny_sources,
+)
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMAGE, VIDEO, START, END = 290, 291, 292, 293
-TEXT = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4)
-SETTINGS = dict(remember_after_layers=[0, 2], cross_attention_heads=4)
-GRAFT = {"qwen2_5_vl": graft_qwen2_5_vl, "minicpmv4_6": graft_minicpmv4_6}
-GRAFTED_CLASS = {
-    "qwen2_5_vl": VisionRememberQwen2_5_VLForConditionalGeneration,
-    "minicpmv4_6": VisionRememberMiniCPMV4_6ForConditionalGeneration,
-}
-PROMPT = [1, 2, 3]
-ANSWER = [5, 6, 7]
 
 # Runs in a fresh interpreter with `vr_hf` blocked: every class must come from the folder's remote code.
 REMOTE_SCRIPT = r"""
@@ -64,105 +56,6 @@ for name, (folder, inputs_path, output_path) in jobs.items():
     report[name] = {"config": type(config).__module__, "model": type(model).__module__, "class": type(model).__name__}
 print(json.dumps(report))
 """
-
-
-def tiny_sources(root) -> dict:
-    """Tiny random native checkpoints, saved as `save_pretrained` writes them, with a tokenizer."""
-    torch.manual_seed(0)
-    qwen = Qwen2_5_VLConfig(
-        text_config=dict(
-            TEXT, num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3]}
-        ),
-        vision_config=dict(
-            depth=3,
-            hidden_size=32,
-            intermediate_size=48,
-            num_heads=4,
-            out_hidden_size=64,
-            window_size=56,
-            fullatt_block_indexes=[2],
-        ),
-        image_token_id=IMAGE,
-        video_token_id=VIDEO,
-        vision_start_token_id=START,
-        vision_end_token_id=END,
-    )
-    minicpm = MiniCPMV4_6Config(
-        text_config=dict(
-            TEXT,
-            model_type="qwen3_5_text",
-            num_key_value_heads=2,
-            head_dim=16,
-            linear_num_key_heads=2,
-            linear_num_value_heads=4,
-            linear_key_head_dim=8,
-            linear_value_head_dim=8,
-        ),
-        vision_config=dict(
-            hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, patch_size=4
-        ),
-        insert_layer_id=1,
-        image_size=64,
-        image_token_id=IMAGE,
-        video_token_id=VIDEO,
-    )
-    folders = {}
-    for name, model in (
-        ("qwen2_5_vl", Qwen2_5_VLForConditionalGeneration(qwen)),
-        ("minicpmv4_6", MiniCPMV4_6ForConditionalGeneration(minicpm)),
-    ):
-        folders[name] = root / name
-        model.save_pretrained(folders[name])
-        byte_tokenizer().save_pretrained(folders[name])
-    return folders
-
-
-def coded_image(rows: int, cols: int, patch: int) -> Image.Image:
-    """Every `patch x patch` block holds its own (row, column) in the red and green channels."""
-    grid = np.stack(np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij"), axis=-1)
-    pixels = np.concatenate([grid, np.zeros((rows, cols, 1), dtype=grid.dtype)], axis=-1).astype(np.uint8)
-    return Image.fromarray(pixels.repeat(patch, axis=0).repeat(patch, axis=1))
-
-
-def random_image(height: int, width: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def image_inputs(backbone: str, image: Image.Image, raw: bool = False, mode: str = "16x") -> dict:
-    """Pixel values as the backbone's image processor lays them out, and `input_ids` with the placeholders expanded."""
-    if backbone == "qwen2_5_vl":
-        pixels = dict(
-            Qwen2VLImageProcessorPil(do_resize=False, do_rescale=not raw, do_normalize=not raw)(
-                image, return_tensors="pt"
-            )
-        )
-        tokens = int(pixels["image_grid_thw"].prod()) // 4
-    else:
-        processor = MiniCPMV4_6ImageProcessorPil(patch_size=4)
-        array = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)
-        array = array if raw else (array / 255 - 0.5) / 0.5
-        patches = processor.reshape_by_patch(array, 4)
-        sizes = torch.tensor([[array.shape[1] // 4, array.shape[2] // 4]])
-        pixels = {"pixel_values": torch.from_numpy(patches)[None], "target_sizes": sizes, "downsample_mode": mode}
-        tokens = int(sizes.prod()) // (16 if mode == "16x" else 4)
-    input_ids = torch.tensor([PROMPT + [START] + [IMAGE] * tokens + [END] + ANSWER])
-    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **pixels}
-    if backbone == "qwen2_5_vl":
-        inputs["mm_token_type_ids"] = (input_ids == IMAGE).int()
-    return inputs
-
-
-def tensors(inputs: dict) -> dict:
-    return {name: value for name, value in inputs.items() if isinstance(value, torch.Tensor)}
-
-
-def perturb(model):
-    """Random output projections: Vision Remember then changes the logits, as a trained one does."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, OutputProjection):
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.5)
 
 
 @pytest.fixture(scope="module")
@@ -391,7 +284,7 @@ def test_generation_after_grafting(checkpoints, name):
     # Beam search expands the inputs per beam; its first step keeps the two most likely tokens of the same prefill.
     beams = model.generate(**inputs, max_new_tokens=1, num_beams=2, num_return_sequences=2)
     assert torch.equal(beams[:, prompt_length], logits.topk(2).indices.flatten())
-    with pytest.raises(ValueError, match="chunked prefill cannot run it"):
+    with pytest.raises(ValueError, match="cannot generate with prefill_chunk_size"):
         model.generate(**inputs, max_new_tokens=1, prefill_chunk_size=4)
 
 

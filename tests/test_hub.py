@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 import vr_hf.modeling
@@ -264,3 +264,21 @@ def test_quickstart_example_runs(tmp_path, capsys):
     output = capsys.readouterr().out
     assert f"saved and reloaded VisionRememberForConditionalGeneration from {tmp_path}" in output
     assert "52 vision tokens" in output and (tmp_path / "modeling_vision_remember.py").is_file()
+
+
+def test_weights_a_checkpoint_lacks_are_initialised_as_in_a_fresh_model(tmp_path):
+    """A checkpoint without the vision tower's weights: the tower gets SigLIP's own initialisation, as in a fresh model
+    (Xavier-uniform attention and MLP weights, near-zero MLP biases), not the generic one."""
+    model = VisionRememberForConditionalGeneration(tiny_config())
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file(
+        {key: value for key, value in weights.items() if ".vision_tower." not in key},
+        tmp_path / "model.safetensors",
+        metadata={"format": "pt"},
+    )
+    tower = VisionRememberForConditionalGeneration.from_pretrained(tmp_path).model.vision_tower
+    for layer in tower.encoder.layers:
+        width = layer.self_attn.q_proj.in_features
+        assert layer.self_attn.q_proj.weight.abs().max() <= (6 / (2 * width)) ** 0.5  # Xavier-uniform's bound
+        assert 0 < layer.mlp.fc1.bias.abs().max() < 1e-4

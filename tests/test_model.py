@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassClassValidationError
 
 from vr_hf import VisionRememberForConditionalGeneration
 from vr_hf.tiny import tiny_config
@@ -186,6 +187,29 @@ def test_vision_remember_runs_only_in_prefill(prompt_batch, monkeypatch):
 def test_baseline_has_no_vision_remember_parameters():
     model = VisionRememberForConditionalGeneration(tiny_config(use_vision_remember=False))
     assert not any("vision_remember" in name for name, _ in model.named_parameters())
+
+
+def test_a_baseline_and_its_vision_remember_model_start_from_the_same_weights():
+    """Vision Remember draws its random numbers from a stream of its own: a fair ablation compares models that share
+    every other weight, for the same seed."""
+    torch.manual_seed(0)
+    with_remember = VisionRememberForConditionalGeneration(tiny_config(identity_init=False)).state_dict()
+    torch.manual_seed(0)
+    baseline = VisionRememberForConditionalGeneration(tiny_config(use_vision_remember=False)).state_dict()
+    for name, tensor in baseline.items():
+        assert torch.equal(with_remember[name], tensor), name
+    torch.manual_seed(0)
+    again = VisionRememberForConditionalGeneration(tiny_config(identity_init=False)).state_dict()
+    assert all(torch.equal(again[name], tensor) for name, tensor in with_remember.items())
+    block = "model.vision_remember.layers.0.self_attention"
+    assert not torch.equal(with_remember[f"{block}.q_proj.weight"], with_remember[f"{block}.v_proj.weight"])
+
+
+def test_a_baseline_is_not_checked_against_settings_it_does_not_use():
+    two_layers = dict(tiny_config().text_config.to_dict(), num_hidden_layers=2, layer_types=None)
+    tiny_config(use_vision_remember=False, text_config=two_layers, remember_after_layers=[0, 3])
+    with pytest.raises(StrictDataclassClassValidationError, match="remember_after_layers has index 3"):
+        tiny_config(text_config=two_layers, remember_after_layers=[0, 3])
 
 
 def test_other_vision_towers_and_decoders(prompt_batch):

@@ -1,0 +1,297 @@
+"""LLaVA-VR and the grafts on every generation and scoring path a native Transformers VLM supports, each against its
+plain reference: the prefill's own logits, greedy decoding with a dynamic cache, the `input_ids` forward."""
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import pytest
+import torch
+from transformers import (
+    CompileConfig,
+    LlavaNextForConditionalGeneration,
+    Qwen2_5_VLForConditionalGeneration,
+)
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.minicpmv4_6 import MiniCPMV4_6ForConditionalGeneration
+
+from vr_hf.modeling import modeling_vision_remember_base
+from vr_hf.processor import build_processor
+from vr_hf.tiny import byte_tokenizer
+
+from conftest import active_model, build_model, random_image
+from tiny_grafts import (
+    ANSWER,
+    GENERATION_PROMPT,
+    GRAFT,
+    GRAFTED_CLASS,
+    PROMPT,
+    SETTINGS,
+    image_inputs,
+    left_padded,
+    perturb,
+    tiny_sources,
+)
+
+
+FAMILIES = ["llava_vr", "qwen2_5_vl", "minicpmv4_6"]
+NEW_TOKENS = 4
+NATIVE = {
+    "llava_vr": LlavaNextForConditionalGeneration,
+    "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+    "minicpmv4_6": MiniCPMV4_6ForConditionalGeneration,
+}
+
+
+@dataclass
+class Family:
+    """A model whose Vision Remember blocks matter, and how to write inputs for it."""
+
+    name: str
+    model: torch.nn.Module
+    fresh: callable  # another model of the same architecture, other weights
+    # (images, continuation=(), generation_prompt=True) -> one sample: the prompt with its images (ending in the chat
+    # template's generation prompt, or not), then `continuation`
+    inputs: callable
+    batch: callable  # () -> two left-padded samples with an image each, ending in the generation prompt
+
+    def two_images(self) -> dict:
+        return self.inputs(self.images(2))
+
+    def images(self, count: int) -> list:
+        if self.name == "llava_vr":
+            return [random_image(40, 90, seed=1), random_image(80, 30, seed=2)][:count]
+        sizes = [(56, 84), (28, 56)] if self.name == "qwen2_5_vl" else [(32, 48), (48, 32)]
+        return [random_image(*size) for size in sizes[:count]]
+
+
+def llava_family() -> Family:
+    model = active_model()
+    processor = build_processor(model.config, byte_tokenizer())
+
+    def prompt(images, generation_prompt=True) -> str:
+        messages = [{"role": "user", "content": [{"type": "image"}] * len(images) + [{"type": "text", "text": "?"}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=generation_prompt)
+
+    def inputs(images, continuation=(), generation_prompt=True):
+        batch = processor(images=images, text=[prompt(images, generation_prompt)], return_tensors="pt")
+        continuation = torch.tensor([list(continuation)], dtype=torch.long)
+        batch["input_ids"] = torch.cat([batch["input_ids"], continuation], dim=1)
+        batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+        return batch
+
+    def batch():
+        images = [random_image(40, 90, seed=1), random_image(80, 30, seed=2)]
+        texts = [prompt(images[:1]), "Longer words first. " + prompt(images[1:])]
+        return processor(images=images, text=texts, padding=True, return_tensors="pt")
+
+    return Family("llava_vr", model, lambda: build_model(seed=3), inputs, batch)
+
+
+def graft_family(name: str, folder) -> Family:
+    model = GRAFTED_CLASS[name].from_pretrained(folder).eval()
+    perturb(model)
+
+    def inputs(images, continuation=(), generation_prompt=True):
+        answer = (GENERATION_PROMPT if generation_prompt else []) + list(continuation)
+        return image_inputs(name, images, answer=answer)
+
+    def batch():
+        family_images = Family(name, None, None, None, None).images(2)
+        samples = [image_inputs(name, family_images[:1], answer=GENERATION_PROMPT)]
+        samples.append(image_inputs(name, family_images[1:], prompt=PROMPT * 3, answer=GENERATION_PROMPT))
+        return left_padded(name, samples)
+
+    def fresh():
+        torch.manual_seed(3)
+        return GRAFTED_CLASS[name](model.config).eval()
+
+    return Family(name, model, fresh, inputs, batch)
+
+
+@pytest.fixture(scope="module")
+def graft_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("contract")
+    sources = tiny_sources(root)
+    return {name: GRAFT[name](sources[name], root / f"{name}-vr", **SETTINGS) for name in sources}
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, graft_folders) -> Family:
+    if request.param == "llava_vr":
+        return llava_family()
+    return graft_family(request.param, graft_folders[request.param])
+
+
+def prefill_logits(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits[:, -1]
+
+
+def greedy(model, inputs, **kwargs) -> torch.Tensor:
+    return model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, **kwargs)
+
+
+def assert_same_generation(model, inputs, **kwargs):
+    """Greedy decoding with `kwargs` gives the tokens and logits of plain greedy decoding with a dynamic cache."""
+    scored = dict(max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    expected = model.generate(**inputs, **scored)
+    output = model.generate(**inputs, **scored, **kwargs)
+    assert torch.equal(output.sequences, expected.sequences)
+    torch.testing.assert_close(torch.stack(output.logits), torch.stack(expected.logits))
+
+
+def test_returned_sequences_and_beams_read_their_own_images(family):
+    """Two images of different sizes in one sample: each returned sequence and each beam starts from the sample's own
+    prefill (generation expands images per sequence; the Vision Remember features must follow them)."""
+    inputs = family.two_images()
+    expected = prefill_logits(family.model, inputs)
+    sampled = family.model.generate(
+        **inputs,
+        do_sample=True,
+        num_return_sequences=2,
+        max_new_tokens=1,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    torch.testing.assert_close(sampled.logits[0], expected.expand(2, -1))
+    beams = family.model.generate(**inputs, num_beams=2, num_return_sequences=2, max_new_tokens=1)
+    assert torch.equal(beams[:, -1], expected.topk(2).indices.flatten())
+
+
+@contextmanager
+def guidance_masks(model):
+    """The guidance masks (which positions feed the text-guided token) of the forward passes inside the block."""
+    masks, remember = [], model.model.vision_remember
+    prepare = remember.prepare
+
+    def spy_prepare(layout, *args):
+        masks.append(layout.guidance_mask)
+        return prepare(layout, *args)
+
+    remember.prepare = spy_prepare
+    try:
+        yield masks
+    finally:
+        del remember.prepare
+
+
+def test_static_cache_equals_dynamic_cache(family):
+    """A static cache hands the model 4-D masks: padding and prompt still come from the 2-D mask generate was given."""
+    batch = family.batch()
+    assert not batch["attention_mask"].all(), "the batch must be left-padded for this test to mean anything"
+    with guidance_masks(family.model) as masks:
+        assert_same_generation(family.model, batch, cache_implementation="static")
+    dynamic, static = masks
+    assert torch.equal(static, dynamic) and not static[batch["attention_mask"] == 0].any()
+
+
+def test_compiled_decoding_equals_eager(family):
+    """A static cache compiles the decoding forward as one graph (`fullgraph=True` fails on any graph break)."""
+    inputs = family.inputs(family.images(1))
+    compile_config = CompileConfig(backend="eager", fullgraph=True)
+    compile_config._compile_all_devices = True  # compile on the CPU too
+    assert_same_generation(family.model, inputs, cache_implementation="static", compile_config=compile_config)
+    assert hasattr(family.model, "_compiled_call"), "generate did not compile the decoding forward"
+
+
+def test_assisted_decoding_equals_greedy(family):
+    """The assistant gets the placeholders without the images and reads them as plain tokens; the model's first
+    forward holds the prompt and the assistant's candidates, and only the prompt feeds the text-guided token."""
+    inputs = family.inputs(family.images(1), generation_prompt=False)  # the prompt must not end in a known place
+    if family.name == "minicpmv4_6":  # its Qwen3.5 decoder keeps a recurrent state: Transformers refuses assistants
+        with pytest.raises(ValueError, match="not supported with stateful models"):
+            greedy(family.model, inputs, assistant_model=family.fresh())
+        return
+    assistant = family.fresh()
+    assistant.generation_config.suppress_tokens = [family.model.config.image_token_id]  # no candidate is an image
+    assert_same_generation(family.model, inputs, assistant_model=assistant)
+
+
+def test_prompt_lookup_and_chunked_prefill_are_refused():
+    family = llava_family()
+    inputs = family.inputs(family.images(1))
+    with pytest.raises(ValueError, match="cannot generate with prompt_lookup_num_tokens: prompt lookup proposes"):
+        greedy(family.model, inputs, prompt_lookup_num_tokens=2)
+    with pytest.raises(ValueError, match="cannot generate with prefill_chunk_size"):
+        greedy(family.model, inputs, prefill_chunk_size=4)
+
+
+def test_inputs_embeds_equal_input_ids(family):
+    """Without `input_ids` the placeholders are found by their embedding, as native VLMs find them."""
+    inputs = family.two_images()
+    by_embedding = dict(inputs, inputs_embeds=family.model.get_input_embeddings()(inputs.pop("input_ids")))
+    if family.name == "qwen2_5_vl":  # its 3-D rope positions need input_ids: hand them over, as its processor does
+        ids = family.two_images()
+        by_embedding["position_ids"] = family.model.model.get_rope_index(
+            ids["input_ids"], image_grid_thw=ids["image_grid_thw"], mm_token_type_ids=ids["mm_token_type_ids"]
+        )[0]
+        inputs = ids
+    else:
+        inputs = family.two_images()
+    everything = {"prompt_mask": torch.ones_like(inputs["input_ids"], dtype=torch.bool)}
+    with torch.no_grad():
+        expected = family.model(**inputs, **everything).logits
+        torch.testing.assert_close(family.model(**by_embedding, **everything).logits, expected)
+    if family.name == "llava_vr":
+        generated = family.model.generate(**by_embedding, max_new_tokens=NEW_TOKENS, do_sample=False)
+        assert torch.equal(generated, greedy(family.model, inputs)[:, inputs["input_ids"].shape[1] :])
+
+
+def test_image_features_follow_the_native_api(family):
+    inputs = family.two_images()
+    arguments = {"image_sizes": inputs.get("image_sizes")} if family.name == "llava_vr" else {}
+    if family.name == "qwen2_5_vl":
+        arguments = {"image_grid_thw": inputs["image_grid_thw"]}
+    if family.name == "minicpmv4_6":
+        arguments = {"target_sizes": inputs["target_sizes"]}
+    outputs = family.model.get_image_features(inputs["pixel_values"], **arguments)
+    assert isinstance(outputs, BaseModelOutputWithPooling)
+    image_tokens = int((inputs["input_ids"] == family.model.config.image_token_id).sum())
+    assert len(outputs.pooler_output) == 2 and sum(len(tokens) for tokens in outputs.pooler_output) == image_tokens
+    assert len(outputs.remember_features) == len(outputs.window_index) == 2
+    as_tuple = family.model.get_image_features(inputs["pixel_values"], **arguments, return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], outputs.last_hidden_state)
+
+
+def test_scoring_keeps_continuations_out_of_the_prompt(family):
+    """(prompt, continuation) pairs scored without labels: the prompt ends after its generation prompt, so its logits
+    are the prompt's alone, whatever follows."""
+    images = family.images(1)
+    prompt = family.inputs(images)
+    length = prompt["input_ids"].shape[1]
+    first, second = family.inputs(images, ANSWER), family.inputs(images, PROMPT)
+    expected = family.model(**prompt).logits
+    with torch.no_grad():
+        for scored in (first, second):
+            torch.testing.assert_close(family.model(**scored).logits[:, :length], expected)
+        # A per-sample prompt_mask says the same; the reference pools the continuation too, and it leaks.
+        prompt_mask = torch.ones(1, length, dtype=torch.bool)
+        torch.testing.assert_close(family.model(**first, prompt_mask=prompt_mask).logits[:, :length], expected)
+        everything = torch.ones_like(first["input_ids"], dtype=torch.bool)
+        leaked = family.model(**first, prompt_mask=everything).logits[:, :length]
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(leaked, expected)
+
+
+def test_warns_where_it_cannot_tell_the_prompt(monkeypatch):
+    """A warning where the text shows no generation prompt, and where labels leave a sample no prompt text."""
+    warnings = []
+    monkeypatch.setattr(modeling_vision_remember_base.logger, "warning_once", warnings.append)
+    family = llava_family()
+    inputs = family.inputs(family.images(1), ANSWER)
+    with torch.no_grad():
+        family.model(**inputs)
+        assert not warnings
+        no_prompt = dict(inputs, input_ids=inputs["input_ids"].clone())
+        no_prompt["input_ids"][no_prompt["input_ids"] == family.model.config.generation_prompt_ids[0]] = 1
+        family.model(**no_prompt)
+        assert len(warnings) == 1 and "cannot tell where the prompt of a sample ends" in warnings[0]
+        supervised = inputs["input_ids"] != family.model.config.image_token_id
+        family.model(**inputs, labels=torch.where(supervised, inputs["input_ids"], -100))
+        assert len(warnings) == 2 and "supervise a sample with images from its first text token" in warnings[1]
+
+
+def test_heads_declare_what_their_native_counterparts_declare(family):
+    native = NATIVE[family.name]
+    for attribute in ("_tp_plan", "_can_compile_fullgraph", "_supports_sdpa", "_supports_flash_attn"):
+        assert getattr(type(family.model), attribute) == getattr(native, attribute), attribute

@@ -1,0 +1,151 @@
+"""Tiny native Qwen2.5-VL and MiniCPM-V 4.6 checkpoints, and their inputs, built offline.
+
+The stock processors of both need torchvision for their video part, which this CPU environment lacks: the inputs are
+built as the processors build them, from their own image processors (`...ImageProcessorPil`) and the placeholder
+expansion they apply (one image token per vision token, between the image start and end tokens).
+"""
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers.models.minicpmv4_6 import MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
+from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from vr_hf import VisionRememberMiniCPMV4_6ForConditionalGeneration, VisionRememberQwen2_5_VLForConditionalGeneration
+from vr_hf.conversion import graft_minicpmv4_6, graft_qwen2_5_vl
+from vr_hf.modeling.processing_vision_remember import CHAT_TEMPLATE
+from vr_hf.modeling.vision_remember import OutputProjection
+from vr_hf.tiny import byte_generation_prompt_ids, byte_tokenizer
+
+
+IMAGE, VIDEO, START, END = 290, 291, 292, 293
+TEXT = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4)
+SETTINGS = dict(remember_after_layers=[0, 2], cross_attention_heads=4)
+GRAFT = {"qwen2_5_vl": graft_qwen2_5_vl, "minicpmv4_6": graft_minicpmv4_6}
+GRAFTED_CLASS = {
+    "qwen2_5_vl": VisionRememberQwen2_5_VLForConditionalGeneration,
+    "minicpmv4_6": VisionRememberMiniCPMV4_6ForConditionalGeneration,
+}
+PROMPT = [1, 2, 3]
+ANSWER = [5, 6, 7]
+GENERATION_PROMPT = list(byte_generation_prompt_ids())  # the sources' ChatML `<|im_start|>assistant\n`
+
+
+def tiny_sources(root) -> dict:
+    """Tiny random native checkpoints, saved as `save_pretrained` writes them, with a ChatML tokenizer."""
+    torch.manual_seed(0)
+    qwen = Qwen2_5_VLConfig(
+        text_config=dict(
+            TEXT, num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3]}
+        ),
+        vision_config=dict(
+            depth=3,
+            hidden_size=32,
+            intermediate_size=48,
+            num_heads=4,
+            out_hidden_size=64,
+            window_size=56,
+            fullatt_block_indexes=[2],
+        ),
+        image_token_id=IMAGE,
+        video_token_id=VIDEO,
+        vision_start_token_id=START,
+        vision_end_token_id=END,
+    )
+    minicpm = MiniCPMV4_6Config(
+        text_config=dict(
+            TEXT,
+            model_type="qwen3_5_text",
+            num_key_value_heads=2,
+            head_dim=16,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+        ),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, patch_size=4
+        ),
+        insert_layer_id=1,
+        image_size=64,
+        image_token_id=IMAGE,
+        video_token_id=VIDEO,
+    )
+    folders = {}
+    for name, model in (
+        ("qwen2_5_vl", Qwen2_5_VLForConditionalGeneration(qwen)),
+        ("minicpmv4_6", MiniCPMV4_6ForConditionalGeneration(minicpm)),
+    ):
+        folders[name] = root / name
+        model.save_pretrained(folders[name])
+        tokenizer = byte_tokenizer()
+        tokenizer.chat_template = CHAT_TEMPLATE
+        tokenizer.save_pretrained(folders[name])
+    return folders
+
+
+def coded_image(rows: int, cols: int, patch: int) -> Image.Image:
+    """Every `patch x patch` block holds its own (row, column) in the red and green channels."""
+    grid = np.stack(np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij"), axis=-1)
+    pixels = np.concatenate([grid, np.zeros((rows, cols, 1), dtype=grid.dtype)], axis=-1).astype(np.uint8)
+    return Image.fromarray(pixels.repeat(patch, axis=0).repeat(patch, axis=1))
+
+
+def image_inputs(backbone: str, images, raw: bool = False, mode: str = "16x", prompt=PROMPT, answer=ANSWER) -> dict:
+    """One sample: pixel values as the backbone's image processor lays them out, and `prompt`, each image's expanded
+    placeholder block, and `answer` as `input_ids`."""
+    images = images if isinstance(images, list) else [images]
+    if backbone == "qwen2_5_vl":
+        processor = Qwen2VLImageProcessorPil(do_resize=False, do_rescale=not raw, do_normalize=not raw)
+        pixels = dict(processor(images, return_tensors="pt"))
+        tokens = (pixels["image_grid_thw"].prod(dim=-1) // 4).tolist()
+    else:
+        processor = MiniCPMV4_6ImageProcessorPil(patch_size=4)
+        arrays = [np.asarray(image, dtype=np.float32).transpose(2, 0, 1) for image in images]
+        arrays = [array if raw else (array / 255 - 0.5) / 0.5 for array in arrays]
+        patches = np.concatenate([processor.reshape_by_patch(array, 4) for array in arrays], axis=-1)
+        sizes = torch.tensor([[array.shape[1] // 4, array.shape[2] // 4] for array in arrays])
+        pixels = {"pixel_values": torch.from_numpy(patches)[None], "target_sizes": sizes, "downsample_mode": mode}
+        tokens = (sizes.prod(dim=-1) // (16 if mode == "16x" else 4)).tolist()
+    placeholders = [token for count in tokens for token in [START] + [IMAGE] * count + [END]]
+    input_ids = torch.tensor([prompt + placeholders + answer])
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **pixels}
+    if backbone == "qwen2_5_vl":
+        inputs["mm_token_type_ids"] = (input_ids == IMAGE).int()
+    return inputs
+
+
+def tensors(inputs: dict) -> dict:
+    return {name: value for name, value in inputs.items() if isinstance(value, torch.Tensor)}
+
+
+def perturb(model):
+    """Random output projections: Vision Remember then changes the logits, as a trained one does."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, OutputProjection):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.5)
+
+
+def left_padded(backbone: str, samples: list[dict]) -> dict:
+    """One batch of single-sample `image_inputs`, left-padded as the backbones' processors pad for generation."""
+    length = max(sample["input_ids"].shape[1] for sample in samples)
+
+    def pad(key: str, value: int = 0) -> torch.Tensor:
+        rows = [
+            torch.nn.functional.pad(sample[key], (length - sample[key].shape[1], 0), value=value) for sample in samples
+        ]
+        return torch.cat(rows)
+
+    batch = {key: pad(key) for key in ("input_ids", "attention_mask", "mm_token_type_ids") if key in samples[0]}
+    if backbone == "qwen2_5_vl":
+        for key in ("pixel_values", "image_grid_thw"):
+            batch[key] = torch.cat([sample[key] for sample in samples])
+    else:
+        batch["pixel_values"] = torch.cat([sample["pixel_values"] for sample in samples], dim=-1)
+        batch["target_sizes"] = torch.cat([sample["target_sizes"] for sample in samples])
+        batch["downsample_mode"] = samples[0]["downsample_mode"]
+    return batch
