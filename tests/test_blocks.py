@@ -1,0 +1,129 @@
+"""The Vision Remember blocks against hand-computed references, in every attention implementation."""
+
+import pytest
+import torch
+from test_fast_paths import STAND_IN, varlen_stand_in
+from torch.nn import functional as F
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from vr_hf.modeling import vision_remember
+from vr_hf.modeling.vision_remember import OutputProjection, TokenLayout, VisionRemember
+from vr_hf.tiny import tiny_config
+
+
+IMPLEMENTATIONS = ["eager", "sdpa", STAND_IN]
+SEQUENCE = 12
+# Sample 0: vision tokens at 3..6; sample 1: vision tokens at 5..9. Each token's window: 9 rows of the features.
+PLACEHOLDERS = [range(3, 7), range(5, 10)]
+
+
+@pytest.fixture
+def stand_in_flash(monkeypatch):
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, STAND_IN, varlen_stand_in)
+    monkeypatch.setattr(vision_remember, "flash_problems", lambda module, tensor: [])
+
+
+def blocks(implementation: str = "eager", **overrides) -> VisionRemember:
+    config = tiny_config(identity_init=False, **overrides)
+    config._attn_implementation = implementation
+    torch.manual_seed(0)
+    module = VisionRemember(config)
+    for submodule in module.modules():
+        if isinstance(submodule, OutputProjection):
+            torch.nn.init.normal_(submodule.weight, std=0.5)
+    return module.eval()
+
+
+def layout_and_inputs(module: VisionRemember, guidance: torch.Tensor | None = None):
+    """Two samples, their vision tokens' windows of random features, random hidden states and guidance."""
+    config = module.config
+    generator = torch.Generator().manual_seed(1)
+    placeholders = torch.zeros(2, SEQUENCE, dtype=torch.bool)
+    for row, positions in enumerate(PLACEHOLDERS):
+        placeholders[row, list(positions)] = True
+    num_tokens = int(placeholders.sum())
+    features = torch.randn(num_tokens * 9 + 5, config.remember_feature_size, generator=generator)
+    windows = torch.randperm(len(features), generator=generator)[: num_tokens * 9].view(num_tokens, 9)
+    if guidance is None and module.text_guidance:
+        guidance = ~placeholders & (torch.rand(2, SEQUENCE, generator=generator) > 0.3)
+    hidden_states = torch.randn(2, SEQUENCE, config.text_config.hidden_size, generator=generator)
+    return TokenLayout.from_placeholders(placeholders, guidance, torch.device("cpu")), features, windows, hidden_states
+
+
+def test_text_guided_token_is_the_masked_max_of_the_prompt():
+    module = blocks()
+    layout, _, _, hidden_states = layout_and_inputs(module)
+    pooled = module.layers["0"].self_attention.text_guided_token(hidden_states, layout)
+    for row, sample in enumerate(layout.sample_rows.tolist()):
+        prompt = hidden_states[sample][layout.guidance_mask[sample]]
+        assert len(prompt) > 1
+        assert torch.equal(pooled[row], prompt.max(dim=0).values)
+
+
+def test_text_guided_token_of_a_sample_without_prompt_is_zero_and_masked():
+    module = blocks()
+    guidance = torch.zeros(2, SEQUENCE, dtype=torch.bool)
+    guidance[0, :3] = True
+    layout, _, _, hidden_states = layout_and_inputs(module, guidance)
+    pooled = module.layers["0"].self_attention.text_guided_token(hidden_states, layout)
+    assert torch.equal(pooled[1], torch.zeros_like(pooled[1]))
+    assert layout.slot_mask[:, -1].tolist() == [True, False]
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_vision_tokens_attend_to_later_vision_tokens(implementation, stand_in_flash):
+    """Bidirectional: the first vision token's update changes with the last one, in every implementation."""
+    module = blocks(implementation)
+    layout, features, windows, hidden_states = layout_and_inputs(module)
+    self_attention = module.layers["0"].self_attention
+    context = module.prepare(layout, features, windows)
+    changed = hidden_states.clone()
+    changed[0, PLACEHOLDERS[0][-1]] += 1.0
+    with torch.no_grad():
+        before, after = (self_attention(states, context) for states in (hidden_states, changed))
+    first = PLACEHOLDERS[0][0]
+    assert not torch.allclose(before[0, first], after[0, first])
+    torch.testing.assert_close(before[1], after[1])  # the other sample's tokens never see it
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_cross_attention_is_one_query_over_its_own_window(implementation, stand_in_flash):
+    """Paper eq. 2, by hand: each token's expanded query attends, per head, to the normalised features of its own
+    window as keys and values (no projections); the result comes back through the output projection."""
+    module = blocks(implementation)
+    layout, features, windows, hidden_states = layout_and_inputs(module)
+    cross = module.layers["0"].cross_attention
+    with torch.no_grad():
+        output = cross(hidden_states, module.prepare(layout, features, windows))
+        normalized = module.normalize_features(features)
+        heads, head_dim = cross.num_heads, cross.head_dim
+        for token, (sample, position) in enumerate(zip(layout.token_batch.tolist(), layout.token_position.tolist())):
+            state = hidden_states[sample, position]
+            query = cross.query_out(cross.act(cross.query_up(cross.norm(state)))).view(heads, head_dim)
+            window = normalized[windows[token]].view(9, heads, head_dim)
+            weights = torch.softmax(torch.einsum("hd,whd->hw", query, window) / head_dim**0.5, dim=-1)
+            update = cross.out_proj(torch.einsum("hw,whd->hd", weights, window).flatten())
+            torch.testing.assert_close(output[sample, position], state + update, atol=1e-5, rtol=1e-4)
+    text = torch.ones(2, SEQUENCE, dtype=torch.bool)
+    text[layout.token_batch, layout.token_position] = False
+    assert torch.equal(output[text], hidden_states[text])
+
+
+def test_tokens_without_a_window_are_left_alone():
+    """AnyRes newline tokens have no window: the cross-attention leaves them as they are."""
+    module = blocks()
+    layout, features, windows, hidden_states = layout_and_inputs(module)
+    windows[2] = -1
+    with torch.no_grad():
+        output = module.layers["0"].cross_attention(hidden_states, module.prepare(layout, features, windows))
+    sample, position = layout.token_batch[2], layout.token_position[2]
+    assert torch.equal(output[sample, position], hidden_states[sample, position])
+    assert not torch.equal(output[layout.token_batch[3], layout.token_position[3]], hidden_states[0, 6])
+
+
+def test_feature_levels_are_normalised_each_on_its_own():
+    module = blocks()
+    features = torch.randn(5, module.config.remember_feature_size)
+    levels = features.chunk(len(module.feature_norms), dim=-1)
+    expected = torch.cat([F.layer_norm(level, level.shape[-1:]) for level in levels], dim=-1)
+    torch.testing.assert_close(module.normalize_features(features), expected)  # the norms start as the identity map
