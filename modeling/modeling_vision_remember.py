@@ -15,6 +15,8 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 from transformers.modeling_utils import slice_logits_to_keep
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_vision_remember import VisionRememberConfig
@@ -114,21 +116,30 @@ class EfficientLlavaModel(VisionRememberPreTrainedModel):
 
     @can_return_tuple
     def get_image_features(
-        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None, output_hidden_states=None, **kwargs
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> RememberImageOutputs:
         """Run the vision tower and projector and lay the tokens out per image (`pooler_output`); with Vision Remember,
-        also keep each image's multi-level features and its tokens' windows of them."""
+        also keep each image's multi-level features and its tokens' windows of them. The tower's `hidden_states` and
+        `attentions` are returned where asked for (arguments, or the config)."""
         sizes = self.image_sizes_list(pixel_values, image_sizes)
         views = self.flatten_views(pixel_values, sizes).to(self.vision_tower.dtype)
-        outputs = self.vision_tower(views, output_hidden_states=True)
+        tower_arguments = {} if output_attentions is None else {"output_attentions": output_attentions}
+        outputs = self.vision_tower(views, output_hidden_states=True, **tower_arguments)
         hidden_states = outputs.hidden_states
         tokens = self.multi_modal_projector(self.select_features(hidden_states, [self.config.projector_feature_layer]))
         views_per_image = [self.image_layout.num_views(size) for size in sizes]
         per_image = zip(tokens.split(views_per_image), sizes)
+        keep_hidden_states = output_hidden_states or self.config.vision_config.output_hidden_states
         image_outputs = RememberImageOutputs(
             last_hidden_state=outputs.last_hidden_state,
             pooler_output=tuple(self.image_layout.pack(image, size, self.image_newline) for image, size in per_image),
-            hidden_states=hidden_states if output_hidden_states else None,
+            hidden_states=hidden_states if keep_hidden_states else None,
+            attentions=outputs.attentions,
         )
         if getattr(self, "vision_remember", None) is not None:
             features = self.select_features(hidden_states, self.config.remember_feature_layers)
@@ -154,7 +165,7 @@ class EfficientLlavaModel(VisionRememberPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         mm_encoder_outputs: dict[str, RememberImageOutputs] | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> VisionRememberModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
@@ -231,7 +242,7 @@ class VisionRememberForConditionalGeneration(
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict[str, RememberImageOutputs] | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> VisionRememberCausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):

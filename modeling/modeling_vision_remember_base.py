@@ -22,7 +22,8 @@ from functools import partial
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.utils import logging
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, logging
 
 from .vision_remember import (
     NO_WINDOW,
@@ -272,7 +273,7 @@ class VisionRememberModelMixin(VisionRememberPreTrainedMixin):
         labels: torch.LongTensor | None = None,
         prompt_mask: torch.Tensor | None = None,
         mm_encoder_outputs: dict | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ):
         r"""
         Takes every argument of the native forward, and:
