@@ -1,16 +1,23 @@
 """Training phases: which parts of a Vision Remember model train, each at its own learning rate.
 
-Parts (attribute paths on `VisionRememberForConditionalGeneration`; on a bare `VisionRememberModel` drop `model.`):
+Every model `vr_hf` builds has the same five parts, wherever its architecture keeps them (`PART_PATHS`, attribute
+paths on the `...ForConditionalGeneration` class; on a bare base model drop `model.`):
 
-- `vision_tower`: `model.vision_tower`
-- `projector`: `model.multi_modal_projector` and `model.image_newline` (the AnyRes row separator, trained with the
-  projector as in LLaVA-NeXT)
-- `vision_remember`: `model.vision_remember`
-- `language_model`: `model.language_model` (decoder layers, embeddings, final norm)
-- `lm_head`: `lm_head`
+- LLaVA-VR: `vision_tower` is `model.vision_tower`, `projector` is `model.multi_modal_projector` and
+  `model.image_newline` (the AnyRes row separator, trained with the projector as in LLaVA-NeXT).
+- Qwen2.5-VL with Vision Remember: `vision_tower` is `model.visual` without its `merger`, `projector` is
+  `model.visual.merger` (the 2x2 patch merger into the decoder's width).
+- MiniCPM-V 4.6 with Vision Remember: `vision_tower` is `model.vision_tower` without its `vit_merger`, `projector` is
+  both 2x2 mergers, `model.vision_tower.vit_merger` (window attention inside the ViT, after `insert_layer_id`) and
+  `model.merger` (the MLP into the decoder's width).
+- All three: `vision_remember` is `model.vision_remember`, `language_model` is `model.language_model` (decoder layers,
+  embeddings, final norm), `lm_head` is `lm_head`.
 
-The paper's recipe, as LLaVA's: phase 1 (alignment) trains the projector and the Vision Remember blocks on captions,
-phase 2 (instruction tuning) adds the language model (and its head).
+The projector is whatever compresses the vision tower's patches into the decoder's tokens: the detail Vision
+Remember gives back is the detail it loses.
+
+The paper's recipe, as LLaVA's, for every backbone: phase 1 (alignment) trains the projector and the Vision Remember
+blocks on captions, phase 2 (instruction tuning) adds the language model and its head; the vision tower stays frozen.
 
 A parameter shared by several parts (tied embeddings: `lm_head.weight` is `embed_tokens.weight`) trains when any part
 that holds it trains, in the group of the first such part in `PARTS` order.
@@ -33,14 +40,33 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .modeling import VisionRememberConfig, VisionRememberMiniCPMV4_6Config, VisionRememberQwen2_5_VLConfig
+
 
 PARTS = ("vision_tower", "projector", "vision_remember", "language_model", "lm_head")
-PART_PATHS = {
-    "vision_tower": ("model.vision_tower",),
-    "projector": ("model.multi_modal_projector", "model.image_newline"),
+_SHARED_PATHS = {
     "vision_remember": ("model.vision_remember",),
     "language_model": ("model.language_model",),
     "lm_head": ("lm_head",),
+}
+# Per model type. A parameter belongs to the part with the longest path that holds it: a path inside another part's
+# path (a merger inside the vision tower) takes its parameters out of that part.
+PART_PATHS = {
+    VisionRememberConfig.model_type: {
+        "vision_tower": ("model.vision_tower",),
+        "projector": ("model.multi_modal_projector", "model.image_newline"),
+        **_SHARED_PATHS,
+    },
+    VisionRememberQwen2_5_VLConfig.model_type: {
+        "vision_tower": ("model.visual",),
+        "projector": ("model.visual.merger",),
+        **_SHARED_PATHS,
+    },
+    VisionRememberMiniCPMV4_6Config.model_type: {
+        "vision_tower": ("model.vision_tower",),
+        "projector": ("model.vision_tower.vit_merger", "model.merger"),
+        **_SHARED_PATHS,
+    },
 }
 
 # The paper's learning rates: 1e-3 for alignment (global batch 256), 2e-4 for instruction tuning (global batch 32).
@@ -49,32 +75,40 @@ PHASE_2 = {"projector": 2e-4, "vision_remember": 2e-4, "language_model": 2e-4, "
 PHASES = {1: PHASE_1, 2: PHASE_2, "alignment": PHASE_1, "instruction": PHASE_2}
 
 
-def resolve(model: nn.Module, path: str):
-    """The module or parameter at `path`, or None where the model has no such part (e.g. no Vision Remember)."""
-    if not hasattr(model, "lm_head") and path.startswith("model."):  # a bare VisionRememberModel
-        path = path[len("model.") :]
-    target = model
-    for name in path.split("."):
-        target = getattr(target, name, None)
-        if target is None:
-            return None
-    return target
+def part_paths(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Where `model` keeps each part; a clear error for a model whose parts `vr_hf` does not know."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in PART_PATHS:
+        raise ValueError(
+            f"{type(model).__name__} (model type {model_type!r}) has no known training parts: the phases train "
+            f"{', '.join(PART_PATHS)} models."
+        )
+    return PART_PATHS[model_type]
+
+
+def parameters_by_part(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Each part's parameters, in module order; a part the model lacks has none."""
+    prefix = "model." if getattr(model, "base_model", None) is model else ""  # a bare base model
+    owners = sorted(
+        ((path, part) for part, paths in part_paths(model).items() for path in paths), key=lambda item: -len(item[0])
+    )
+    parameters = {part: {} for part in PARTS}
+    for name, parameter in model.named_parameters(remove_duplicate=False):  # tied weights under each of their names
+        name = prefix + name
+        part = next((part for path, part in owners if name == path or name.startswith(path + ".")), None)
+        if part is not None:
+            parameters[part].setdefault(id(parameter), parameter)
+    return {part: list(found.values()) for part, found in parameters.items()}
 
 
 def part_parameters(model: nn.Module, part: str) -> list[nn.Parameter]:
     """The parameters of one part, in module order; a clear error for an unknown or absent part."""
-    if part not in PART_PATHS:
+    if part not in PARTS:
         raise ValueError(f"Unknown part {part!r}: choose from {', '.join(PARTS)}.")
-    parameters = []
-    for path in PART_PATHS[part]:
-        target = resolve(model, path)
-        if isinstance(target, nn.Parameter):
-            parameters.append(target)
-        elif isinstance(target, nn.Module):
-            parameters.extend(target.parameters())
+    parameters = parameters_by_part(model)[part]
     if not parameters:
         raise ValueError(
-            f"The model has no {part!r} part (looked for {', '.join(PART_PATHS[part])})"
+            f"The model has no {part!r} part (looked for {', '.join(part_paths(model)[part])})"
             + (": it was built with use_vision_remember=False." if part == "vision_remember" else ".")
         )
     return parameters
@@ -86,7 +120,7 @@ def trainable_parameter_groups(
     """Freeze all of `model`, then unfreeze the parts in `learning_rates` and return their optimizer groups.
 
     Args:
-        model: A `VisionRememberForConditionalGeneration` (or a bare `VisionRememberModel`).
+        model: A model `vr_hf` builds (LLaVA-VR or a graft), or its bare base model.
         learning_rates: `{part: learning rate}` over `PARTS`, or a phase (`1`/`"alignment"`, `2`/`"instruction"`).
         weight_decay: Set on every group when given.
 
@@ -98,7 +132,7 @@ def trainable_parameter_groups(
         if learning_rates not in PHASES:
             raise ValueError(f"Unknown phase {learning_rates!r}: choose from {', '.join(map(str, PHASES))}.")
         learning_rates = PHASES[learning_rates]
-    unknown = [part for part in learning_rates if part not in PART_PATHS]
+    unknown = [part for part in learning_rates if part not in PARTS]
     if unknown:
         raise ValueError(f"Unknown part(s) {', '.join(map(repr, unknown))}: choose from {', '.join(PARTS)}.")
     if not learning_rates:
@@ -123,13 +157,11 @@ def trainable_parameter_groups(
 
 def trainable_parts(model: nn.Module) -> dict[str, bool]:
     """For each part the model has: whether any of its parameters trains."""
-    status = {}
-    for part in PARTS:
-        try:
-            status[part] = any(p.requires_grad for p in part_parameters(model, part))
-        except ValueError:
-            continue
-    return status
+    return {
+        part: any(p.requires_grad for p in parameters)
+        for part, parameters in parameters_by_part(model).items()
+        if parameters
+    }
 
 
 class PartsOptimizer:
@@ -295,6 +327,7 @@ def recipe_model_and_data(args, **from_pretrained_kwargs):
 
 __all__ = [
     "PARTS",
+    "PART_PATHS",
     "PHASE_1",
     "PHASE_2",
     "PHASES",
@@ -304,6 +337,8 @@ __all__ = [
     "load_model_and_processor",
     "load_training_data",
     "part_parameters",
+    "part_paths",
+    "parameters_by_part",
     "parts_optimizer",
     "recipe_config",
     "recipe_model_and_data",
