@@ -103,7 +103,7 @@ def merge_adapter_checkpoint(base_model_path, adapter_path, output_dir, dtype: t
 
     QLoRA adapters are merged this way, into the full-precision weights rather than the 4-bit ones they trained on.
     """
-    from .training import load_model_and_processor
+    from .recipes import load_model_and_processor
 
     base, processor = load_model_and_processor(base_model_path, dtype=dtype)
     save_merged(PeftModel.from_pretrained(base, adapter_path), processor, output_dir)

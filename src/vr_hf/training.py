@@ -28,14 +28,13 @@ that holds it trains, in the group of the first such part in `PARTS` order.
 model it is about to train. A ready-made optimizer (`optimizers=(optimizer, None)`) works on one device and under DDP
 too, but the Trainer refuses it under FSDP.
 
-The recipes in `examples/` (`train_alignment.py`, `train_instruction.py`) put this together with data loading.
+The recipes in `examples/` (`train_alignment.py`, `train_instruction.py`) put this together with data loading
+(`vr_hf.recipes`).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -186,145 +185,6 @@ def parts_optimizer(learning_rates: Mapping[str, float] | int | str, weight_deca
     return PartsOptimizer, {"learning_rates": learning_rates, "weight_decay": weight_decay, **adamw_kwargs}
 
 
-def gradient_accumulation_steps(global_batch_size: int, per_device_batch_size: int, world_size: int | None = None):
-    """The accumulation that makes `per_device_batch_size` on every process add up to `global_batch_size`."""
-    if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", 1))  # set by `accelerate launch` and `torchrun`
-    per_step = per_device_batch_size * world_size
-    if global_batch_size % per_step:
-        raise ValueError(
-            f"A global batch of {global_batch_size} is not a whole number of steps of {per_device_batch_size} samples "
-            f"on each of {world_size} processes: change the batch size or the per-device batch size."
-        )
-    return global_batch_size // per_step
-
-
-def load_training_data(source, image_folder=None, split: str = "train", on_error: str = "skip"):
-    """A dataset in TRL's vision format (`images`, `messages`) from LLaVA-style JSON, a saved dataset or the Hub.
-
-    Args:
-        source: A LLaVA `.json`/`.jsonl` file (converted by `vr_hf.data.load_llava_json`, bad rows reported and
-            skipped), a folder written by `Dataset.save_to_disk`, or a name for `datasets.load_dataset`.
-        image_folder: Folder the LLaVA rows' image paths are relative to.
-        split: The split to load from a saved `DatasetDict` or the Hub.
-        on_error: For LLaVA JSON: `"skip"` bad rows (printing the report) or `"raise"` on the first one.
-    """
-    import datasets
-
-    from .data import load_llava_json
-
-    path = Path(os.fspath(source))
-    if path.suffix in (".json", ".jsonl"):
-        dataset, report = load_llava_json(path, image_folder, on_error=on_error)
-        print(report)
-        return dataset
-    if path.is_dir():
-        dataset = datasets.load_from_disk(str(path))
-        return dataset[split] if isinstance(dataset, datasets.DatasetDict) else dataset
-    return datasets.load_dataset(str(source), split=split)
-
-
-def load_model_and_processor(name_or_path, **from_pretrained_kwargs):
-    """A Vision Remember checkpoint and its processor, loaded as remote code (`trust_remote_code=True`)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    model = AutoModelForImageTextToText.from_pretrained(name_or_path, trust_remote_code=True, **from_pretrained_kwargs)
-    processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=True)
-    return model, processor
-
-
-def tiny_model_and_processor(seed: int = 0):
-    """A tiny random model (`vr_hf.tiny`) and its byte-level processor: a recipe runs on a CPU in seconds."""
-    from .modeling import VisionRememberForConditionalGeneration
-    from .processor import build_processor
-    from .tiny import byte_tokenizer, tiny_config
-
-    torch.manual_seed(seed)
-    config = tiny_config()
-    return VisionRememberForConditionalGeneration(config), build_processor(config, byte_tokenizer())
-
-
-def recipe_parser(description: str, epilog: str, learning_rate: float, batch_size: int, per_device_batch_size: int):
-    """The command-line options the training recipes share, with the phase's defaults."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--model", help="Checkpoint folder or Hub id, loaded with trust_remote_code=True.")
-    model.add_argument("--tiny", action="store_true", help="A tiny random model, to try a recipe on a CPU.")
-    parser.add_argument("--data", required=True, help="LLaVA .json/.jsonl, a save_to_disk folder, or a Hub dataset.")
-    parser.add_argument("--image-folder", help="Folder the LLaVA rows' image paths are relative to.")
-    parser.add_argument("--split", default="train", help="Split of a saved DatasetDict or a Hub dataset.")
-    parser.add_argument("--output-dir", required=True, help="Checkpoints and the final model go here.")
-    parser.add_argument("--learning-rate", type=float, default=learning_rate, help="Of every trained part.")
-    parser.add_argument("--batch-size", type=int, default=batch_size, help="Global batch, over all processes.")
-    parser.add_argument("--per-device-batch-size", type=int, default=per_device_batch_size)
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--max-steps", type=int, default=-1, help="Stop after this many steps (overrides --epochs).")
-    parser.add_argument("--warmup", type=float, default=0.03, help="Warmup: a fraction of the steps, or a count.")
-    parser.add_argument("--max-length", type=int, default=None, help="Truncate longer samples (default: never).")
-    parser.add_argument(
-        "--no-gradient-checkpointing",
-        dest="gradient_checkpointing",
-        action="store_false",
-        help="Keep all activations: faster, far more memory.",
-    )
-    parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="Mixed precision.")
-    parser.add_argument("--save-steps", type=int, default=500)
-    parser.add_argument("--logging-steps", type=int, default=10)
-    parser.add_argument("--resume", nargs="?", const=True, default=None, help="Resume: a checkpoint, or the latest.")
-    parser.add_argument("--seed", type=int, default=42)
-    return parser
-
-
-def recipe_config(args, **overrides):
-    """The `trl.SFTConfig` of a recipe run from its parsed command line."""
-    from trl import SFTConfig
-
-    settings = dict(
-        output_dir=args.output_dir,
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.per_device_batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps(args.batch_size, args.per_device_batch_size),
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=int(args.warmup) if args.warmup >= 1 else args.warmup,  # a count, or a fraction of the steps
-        weight_decay=0.0,
-        max_length=args.max_length,
-        activation_checkpointing=args.gradient_checkpointing,
-        bf16=args.precision == "bf16",
-        fp16=args.precision == "fp16",
-        use_cpu=not torch.cuda.is_available(),
-        save_steps=args.save_steps,
-        logging_steps=args.logging_steps,
-        seed=args.seed,
-        report_to=[],
-    )
-    settings.update(overrides)
-    return SFTConfig(**settings)
-
-
-def batch_summary(config) -> str:
-    """How a Trainer config's global batch is made: processes x per-device batch x accumulation steps."""
-    total = config.world_size * config.per_device_train_batch_size * config.gradient_accumulation_steps
-    return (
-        f"global batch {total} = {config.world_size} process(es) x {config.per_device_train_batch_size} per device "
-        f"x {config.gradient_accumulation_steps} accumulation step(s)"
-    )
-
-
-def recipe_model_and_data(args, **from_pretrained_kwargs):
-    """The model, processor and dataset a recipe's command line names."""
-    if args.tiny:
-        model, processor = tiny_model_and_processor(args.seed)
-    else:
-        model, processor = load_model_and_processor(args.model, **from_pretrained_kwargs)
-    return model, processor, load_training_data(args.data, args.image_folder, args.split)
-
-
 __all__ = [
     "PARTS",
     "PART_PATHS",
@@ -332,18 +192,10 @@ __all__ = [
     "PHASE_2",
     "PHASES",
     "PartsOptimizer",
-    "batch_summary",
-    "gradient_accumulation_steps",
-    "load_model_and_processor",
-    "load_training_data",
     "part_parameters",
     "part_paths",
     "parameters_by_part",
     "parts_optimizer",
-    "recipe_config",
-    "recipe_model_and_data",
-    "recipe_parser",
     "trainable_parameter_groups",
-    "tiny_model_and_processor",
     "trainable_parts",
 ]
