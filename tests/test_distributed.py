@@ -1,12 +1,28 @@
-"""A 2-process data-parallel run of the instruction recipe with `accelerate launch` on the CPU (DDP over gloo)."""
+"""The recipes under `accelerate launch` with each engine config of `examples/accelerate/`, 2 processes on the CPU.
+
+DDP runs over gloo with `--use_cpu`; DeepSpeed ZeRO-2 and ZeRO-3 run through `launch_on_cpu.py`, which connects the
+processes over gloo where accelerate picks no backend without a GPU. accelerate runs FSDP on GPUs only: the recipe
+refuses the FSDP config here rather than fall back to DDP.
+"""
 
 import json
 import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
+import torch
+from safetensors.torch import load_file
 from test_resume import EXAMPLES, recipe_argv, write_rows
+
+from vr_hf.recipes import check_engine
+
+
+LAUNCH_ON_CPU = Path(__file__).resolve().parent / "launch_on_cpu.py"
+DEEPSPEED_ENGINES = ("zero2", "zero3")
 
 
 def free_port() -> int:
@@ -15,30 +31,93 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_process_run_completes(tmp_path):
-    data = write_rows(tmp_path / "data")
-    output_dir = tmp_path / "output"
-    # `--multi_gpu` starts one process per rank through torchrun; without a GPU each trains on the CPU over gloo.
+def launch_recipe(
+    engine: str, data: Path, output_dir: Path, *extra: str, recipe: str = "train_instruction", processes: int = 2
+) -> subprocess.CompletedProcess:
+    """Run a recipe with `accelerate launch --config_file examples/accelerate/{engine}.yaml` and `processes` CPU
+    processes: 2 steps of the tiny model, 2 samples per process per step, on `data` (a LLaVA JSON with its images
+    beside it, e.g. from `write_rows`). `extra` goes to the recipe. Returns the finished launch, whatever its outcome.
+    """
+    if engine in DEEPSPEED_ENGINES:
+        pytest.importorskip("deepspeed")
     launch = [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
+        "--config_file",
+        f"{EXAMPLES}/accelerate/{engine}.yaml",
     ]
-    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
-    argv = recipe_argv(data, output_dir, "--max-steps", "2")
-    argv[argv.index("--batch-size") + 1] = "4"  # 2 processes x 2 per device, no accumulation
+    launch += ["--num_processes", str(processes), "--mixed_precision", "no", "--main_process_port", str(free_port())]
+    argv = recipe_argv(data, output_dir, "--max_steps", "2", *extra)
+    argv[argv.index("--global_batch_size") + 1] = str(2 * processes)  # no accumulation
+    script = [str(EXAMPLES / f"{recipe}.py")]
+    if engine in DEEPSPEED_ENGINES:
+        script.insert(0, str(LAUNCH_ON_CPU))
+    elif engine == "ddp":
+        argv.append("--use_cpu")
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-    command = launch + [str(EXAMPLES / "train_instruction.py"), *argv]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
-    assert result.returncode == 0, f"accelerate launch failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    command = launch + script + argv
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=output_dir.parent)
 
-    assert "global batch 4 = 2 process(es) x 2 per device x 1 accumulation step(s)" in result.stdout
+
+def assert_launch_succeeded(result: subprocess.CompletedProcess, output_dir: Path, processes: int = 2):
+    assert result.returncode == 0, f"accelerate launch failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    assert f"global batch {2 * processes} = {processes} process(es) x 2 per device x 1 accumulation" in result.stdout
     state = json.loads((output_dir / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2
     assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == [1, 2]
-    assert (output_dir / "model.safetensors").is_file() and (output_dir / "processor_config.json").is_file()
+    assert (output_dir / "processor_config.json").is_file()
+    assert "pipeline_tag: image-text-to-text" in (output_dir / "README.md").read_text()
+
+
+def test_ddp_run_completes(tmp_path):
+    data, output_dir = write_rows(tmp_path / "data"), tmp_path / "output"
+    assert_launch_succeeded(launch_recipe("ddp", data, output_dir), output_dir)
+    assert (output_dir / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("engine, stage", [("zero2", 2), ("zero3", 3)])
+def test_deepspeed_run_shards_and_saves_the_whole_model(tmp_path, engine, stage):
+    data, output_dir = write_rows(tmp_path / "data"), tmp_path / "output"
+    assert_launch_succeeded(launch_recipe(engine, data, output_dir, "--save_steps", "1"), output_dir)
+
+    shards = output_dir / "checkpoint-2" / "global_step2"
+    engine_state = torch.load(next(shards.glob("*model_states.pt")), weights_only=False, map_location="cpu")
+    assert engine_state["ds_config"]["zero_optimization"]["stage"] == stage
+    assert engine_state["dp_world_size"] == 2
+    assert len(list(shards.glob("*optim_states.pt"))) == 2  # one optimizer shard per rank
+
+    # The whole model, gathered from the shards: step 2 trains the phase's parts and leaves the vision tower alone
+    after_step_1 = load_file(output_dir / "checkpoint-1" / "model.safetensors")
+    final = load_file(output_dir / "model.safetensors")
+    assert set(final) == set(after_step_1) and len(final) > 100
+    changed = {
+        name.removeprefix("model.").split(".")[0] for name in final if not torch.equal(final[name], after_step_1[name])
+    }
+    assert changed - {"lm_head"} == {"multi_modal_projector", "image_newline", "vision_remember", "language_model"}
+
+
+def test_fsdp_on_cpu_is_refused_not_run_as_ddp(tmp_path):
+    data, output_dir = write_rows(tmp_path / "data", count=4), tmp_path / "output"
+    result = launch_recipe("fsdp2", data, output_dir)
+    assert result.returncode != 0
+    assert "accelerate runs FSDP on GPUs only" in result.stderr
+    assert not (output_dir / "checkpoint-2").exists()
+
+
+def fake_args(distributed_type: str, num_processes: int, device: str = "cpu"):
+    state = SimpleNamespace(
+        distributed_type=distributed_type, num_processes=num_processes, device=torch.device(device)
+    )
+    return SimpleNamespace(distributed_state=state)
+
+
+def test_unconnected_processes_and_dropped_deepspeed_are_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="started 2 processes but connected 1.*--use_cpu"):
+        check_engine(fake_args("NO", 1))
+    check_engine(fake_args("MULTI_CPU", 2))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(RuntimeError, match="dropped DeepSpeed"):
+        check_engine(fake_args("MULTI_CPU", 2))
+    check_engine(fake_args("DEEPSPEED", 2))

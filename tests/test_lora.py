@@ -1,6 +1,7 @@
 """LoRA with PEFT: adapters on the decoder's projections only, projector and Vision Remember fully trained, and a
 merged checkpoint that a fresh process (without `vr_hf`) reloads with identical logits."""
 
+import importlib.util
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForImageTextToText
 
 from vr_hf.lora import DECODER_PROJECTIONS, lora_config, qlora_quantization_config, save_merged
 from vr_hf.processor import build_processor
@@ -33,6 +35,7 @@ sys.modules["vr_hf"] = None
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForImageTextToText
 from transformers import AutoModelForImageTextToText
 
 folder, inputs_path, output = sys.argv[1:]
@@ -112,10 +115,30 @@ def test_projector_and_vision_remember_train_in_full(lora_run):
         assert len(copies) == len(parameters), f"not every parameter of {part} trains"
 
 
-def test_qlora_needs_cuda_and_bitsandbytes():
-    if torch.cuda.is_available():
-        pytest.skip("this machine can run QLoRA")
-    with pytest.raises(RuntimeError, match="QLoRA needs (bitsandbytes|a CUDA GPU)"):
+def test_qlora_quantizes_the_decoder_only(tmp_path):
+    """bitsandbytes' NF4 on the CPU: every linear layer of the decoder becomes 4-bit, nothing else does."""
+    bnb = pytest.importorskip("bitsandbytes")
+    model = active_model()
+    model.save_pretrained(tmp_path)
+    linear = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    decoder = {name for name in linear if name.startswith("model.language_model.")}
+    assert decoder and linear - decoder, "the check needs linear layers inside and outside the decoder"
+
+    quantized_model = AutoModelForImageTextToText.from_pretrained(
+        tmp_path, quantization_config=qlora_quantization_config(torch.float32)
+    )
+    quantized = {name for name, module in quantized_model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
+    assert quantized == decoder
+    assert quantized_model.model.language_model.layers[0].mlp.up_proj.weight.quant_type == "nf4"
+    full_precision = dict(quantized_model.named_parameters())
+    for name, parameter in model.named_parameters():
+        if not name.startswith("model.language_model."):
+            assert torch.equal(full_precision[name], parameter), f"{name} changed"
+
+
+def test_qlora_without_bitsandbytes_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(RuntimeError, match="QLoRA needs bitsandbytes: pip install"):
         qlora_quantization_config()
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from transformers import TrainerCallback
 
+from vr_hf.recipes import train_and_save
+
 from conftest import random_image
 
 
@@ -35,19 +37,19 @@ def recipe_argv(data: Path, output_dir: Path, *extra: str) -> list[str]:
         "--tiny",
         "--data",
         str(data),
-        "--image-folder",
+        "--image_folder",
         str(data.parent),
-        "--output-dir",
+        "--output_dir",
         str(output_dir),
-        "--batch-size",
+        "--global_batch_size",
         "2",
-        "--per-device-batch-size",
+        "--per_device_train_batch_size",
         "2",
-        "--precision",
-        "fp32",
-        "--logging-steps",
+        "--bf16",
+        "false",
+        "--logging_steps",
         "1",
-        "--save-steps",
+        "--save_steps",
         "2",
         *extra,
     ]
@@ -80,20 +82,24 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, recipe):
     module = load_recipe(recipe)
     data = write_rows(tmp_path / "data")
     # A learning rate large enough that the updates, and so any difference after resuming, show in the losses
-    argv = ["--max-steps", "4", "--learning-rate", "1e-2", "--warmup", "1"]
+    argv = ["--max_steps", "4", "--learning_rate", "1e-2", "--warmup_steps", "1"]
 
-    uninterrupted = module.build_trainer(module.parse_args(recipe_argv(data, tmp_path / "full", *argv)))
+    uninterrupted = module.build_trainer(*module.parse_args(recipe_argv(data, tmp_path / "full", *argv)))
     uninterrupted.train()
 
     interrupted_args = module.parse_args(recipe_argv(data, tmp_path / "resumed", *argv))
-    interrupted = module.build_trainer(interrupted_args)
+    interrupted = module.build_trainer(*interrupted_args)
     interrupted.add_callback(StopAfter(2))
     interrupted.train()
     assert interrupted.state.global_step == 2
     assert (tmp_path / "resumed" / "checkpoint-2" / "optimizer.pt").is_file()
 
-    resumed = module.build_trainer(interrupted_args)  # a fresh model and trainer, as in a new process
-    resumed.train(resume_from_checkpoint=True)  # the latest checkpoint in the output folder
+    # A fresh model and trainer, as in a new process, resuming from the latest checkpoint in the output folder
+    resumed_args = module.parse_args(
+        recipe_argv(data, tmp_path / "resumed", *argv, "--resume_from_checkpoint", "latest")
+    )
+    resumed = module.build_trainer(*resumed_args)
+    train_and_save(resumed, resumed_args[-1])
 
     expected = losses(uninterrupted)
     assert sorted(expected) == [1, 2, 3, 4]

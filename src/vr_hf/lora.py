@@ -20,11 +20,23 @@ import torch
 from peft import LoraConfig, PeftModel
 from transformers import BitsAndBytesConfig
 
+from .training import PART_PATHS
+
 
 DECODER_PROJECTIONS = r"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj"
 FULLY_TRAINED_MODULES = ["multi_modal_projector", "vision_remember"]
-# Kept in full precision under QLoRA: the frozen vision tower, the fully trained parts, and the (tied) head.
-NOT_QUANTIZED_MODULES = ["vision_tower", "multi_modal_projector", "vision_remember", "lm_head"]
+# Kept in full precision under QLoRA: everything but the decoder (the frozen vision tower, the fully trained parts and
+# the head), for every model type. Transformers matches these from the start of a module's full name (or as a suffix
+# of it): "vision_tower" alone would not match "model.vision_tower.encoder.layers.0.self_attn.q_proj".
+NOT_QUANTIZED_MODULES = sorted(
+    {
+        path
+        for parts in PART_PATHS.values()
+        for part, paths in parts.items()
+        if part != "language_model"
+        for path in paths
+    }
+)
 
 
 def lora_config(rank: int = 16, alpha: int | None = None, dropout: float = 0.05, **kwargs) -> LoraConfig:
@@ -50,16 +62,11 @@ def lora_config(rank: int = 16, alpha: int | None = None, dropout: float = 0.05,
 def qlora_quantization_config(compute_dtype: torch.dtype = torch.bfloat16) -> BitsAndBytesConfig:
     """The 4-bit NF4 config for QLoRA: pass it to `from_pretrained(..., quantization_config=...)`.
 
-    Only the decoder is quantized. bitsandbytes' 4-bit kernels need a CUDA GPU; elsewhere this raises an error that
-    says so, before any weights load.
+    Only the decoder's linear layers are quantized (`NOT_QUANTIZED_MODULES` stay as they are). bitsandbytes runs NF4 on
+    CUDA GPUs and on CPUs.
     """
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise RuntimeError("QLoRA needs bitsandbytes: `pip install bitsandbytes` (on a machine with a CUDA GPU).")
-    if not torch.cuda.is_available():
-        raise RuntimeError(
-            "QLoRA needs a CUDA GPU: bitsandbytes' 4-bit layers do not run on this machine. "
-            "Train with plain LoRA (lora_config() without quantization) instead."
-        )
+        raise RuntimeError("QLoRA needs bitsandbytes: pip install 'vr-hf[train]' (or pip install bitsandbytes).")
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -96,7 +103,7 @@ def merge_adapter_checkpoint(base_model_path, adapter_path, output_dir, dtype: t
 
     QLoRA adapters are merged this way, into the full-precision weights rather than the 4-bit ones they trained on.
     """
-    from .training import load_model_and_processor
+    from .recipes import load_model_and_processor
 
     base, processor = load_model_and_processor(base_model_path, dtype=dtype)
     save_merged(PeftModel.from_pretrained(base, adapter_path), processor, output_dir)
@@ -105,6 +112,7 @@ def merge_adapter_checkpoint(base_model_path, adapter_path, output_dir, dtype: t
 __all__ = [
     "DECODER_PROJECTIONS",
     "FULLY_TRAINED_MODULES",
+    "NOT_QUANTIZED_MODULES",
     "lora_config",
     "merge_adapter_checkpoint",
     "merge_lora",

