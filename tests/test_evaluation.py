@@ -4,7 +4,7 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from test_graft import SETTINGS, perturb, tiny_sources
 from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedTokenizerFast
 from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -18,7 +18,6 @@ from vr_hf.processor import build_processor
 from vr_hf.tiny import SPECIAL_TOKENS, byte_tokenizer, tiny_config
 
 from conftest import active_model, random_image
-from test_graft import SETTINGS, perturb, tiny_sources
 
 
 lmms_eval = pytest.importorskip("lmms_eval", reason="needs lmms-eval: see docs/evaluation.md")
@@ -156,7 +155,10 @@ def test_the_continuation_never_feeds_the_text_guided_token(checkpoints, docs, k
     assert torch.equal(first[:, :shared], second[:, :shared])
 
     with torch.no_grad():
-        leaked = [lm.model(**prompt_inputs(lm, docs[0], tokens)).logits[0, -len(tokens) - 1 : -1] for tokens in (circle, square)]
+        leaked = [
+            lm.model(**prompt_inputs(lm, docs[0], tokens)).logits[0, -len(tokens) - 1 : -1]
+            for tokens in (circle, square)
+        ]
     assert not torch.equal(leaked[0][:shared], leaked[1][:shared]), "Vision Remember must be active for this test"
 
 
@@ -179,8 +181,12 @@ def generation_nll(model, inputs, tokens: list[int]) -> float:
 def test_loglikelihood_is_what_generation_predicts(checkpoints, docs, kind):
     lm = load(checkpoints, kind, docs)
     continuation = " a red circle"
-    ((nll, greedy),) = [score.text for score in lm.loglikelihood([request("loglikelihood", 0, docs[0]["question"], continuation)])]
-    assert nll == pytest.approx(generation_nll(lm.model, prompt_inputs(lm, docs[0]), lm.tokenize(continuation)), abs=1e-3)
+    ((nll, greedy),) = [
+        score.text for score in lm.loglikelihood([request("loglikelihood", 0, docs[0]["question"], continuation)])
+    ]
+    assert nll == pytest.approx(
+        generation_nll(lm.model, prompt_inputs(lm, docs[0]), lm.tokenize(continuation)), abs=1e-3
+    )
     assert not greedy
 
 
@@ -214,12 +220,16 @@ def test_generate_until_answers_as_generate_does(checkpoints, docs, kind):
     """Batched requests (left-padded, images of different sizes) get the answers `generate` gives each alone."""
     lm = load(checkpoints, kind, docs)
     settings = {"max_new_tokens": 4, "temperature": 0}
-    answers = lm.generate_until([request("generate_until", index, doc["question"], settings) for index, doc in enumerate(docs)])
+    answers = lm.generate_until(
+        [request("generate_until", index, doc["question"], settings) for index, doc in enumerate(docs)]
+    )
     expected = []
     for doc in docs:
         inputs = prompt_inputs(lm, doc)
         output = lm.model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        expected.append(lm.processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0])
+        expected.append(
+            lm.processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
+        )
     assert answers == expected
 
 
@@ -333,7 +343,18 @@ def test_paper_suite_needs_the_hub(checkpoints, monkeypatch):
 
 def test_evaluate_command_prints_the_table(checkpoints, tmp_path, capsys):
     output = tmp_path / "eval"
-    main(["evaluate", checkpoints["llava_vr"], "--tasks", "vr_hf_red_marker", "--limit", "3", "--output-dir", str(output)])
+    main(
+        [
+            "evaluate",
+            checkpoints["llava_vr"],
+            "--tasks",
+            "vr_hf_red_marker",
+            "--limit",
+            "3",
+            "--output-dir",
+            str(output),
+        ]
+    )
     printed = capsys.readouterr().out
     header, row = printed.split("score (%)")[0], printed.splitlines()
     line = next(line for line in row if line.startswith("vr_hf_red_marker"))

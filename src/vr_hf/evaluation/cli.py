@@ -32,7 +32,9 @@ def parse_arguments(argv=None) -> argparse.Namespace:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("checkpoint", help="folder (or Hub id) of a LLaVA-VR or grafted Qwen2.5-VL/MiniCPM-V checkpoint")
+    parser.add_argument(
+        "checkpoint", help="folder (or Hub id) of a LLaVA-VR or grafted Qwen2.5-VL/MiniCPM-V checkpoint"
+    )
     suite = parser.add_mutually_exclusive_group()
     suite.add_argument("--tasks", nargs="+", help=f"lmms-eval task names (default: the group {OFFLINE_GROUP})")
     suite.add_argument("--paper", action="store_true", help="the paper's 11 benchmarks; needs Hub access")
@@ -91,7 +93,9 @@ def offline_table(results: dict) -> str:
         targets = Counter(str(sample["target"]) for sample in results["samples"][task])
         prior = max(targets.values()) / sum(targets.values())
         name = metric.split(",")[0]
-        lines.append(f"{task:<26}{name:<13}{100 * scores[metric]:>10.1f}{100 * prior:>18.1f}{sum(targets.values()):>11}")
+        lines.append(
+            f"{task:<26}{name:<13}{100 * scores[metric]:>10.1f}{100 * prior:>18.1f}{sum(targets.values()):>11}"
+        )
     return "\n".join(lines)
 
 
@@ -124,5 +128,7 @@ def paper_table(argv=None) -> str:
 
 def row_name(results: dict, path: str) -> str:
     model_args = str(results.get("config", {}).get("model_args", ""))
-    pretrained = [value for key, _, value in (arg.partition("=") for arg in model_args.split(",")) if key == "pretrained"]
+    pretrained = [
+        value for key, _, value in (arg.partition("=") for arg in model_args.split(",")) if key == "pretrained"
+    ]
     return pretrained[0] if pretrained else path

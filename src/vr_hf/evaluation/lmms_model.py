@@ -165,7 +165,9 @@ class VisionRememberLMMS(lmms):
             raise ValueError(f"Cannot score an empty continuation: got {continuation!r}.")
         return tokens
 
-    def score(self, prompt: str, images: list[Image.Image], continuations: list[list[int]]) -> list[tuple[float, bool]]:
+    def score(
+        self, prompt: str, images: list[Image.Image], continuations: list[list[int]]
+    ) -> list[tuple[float, bool]]:
         """(Negative log-likelihood, is_greedy) of each continuation (token ids) after `prompt`."""
         log_probs, greedy = self.continuation_log_probs(prompt, images, continuations)
         return [(-float(total), bool(flags.all())) for total, flags in zip(log_probs.sum(1), greedy)]
