@@ -1,10 +1,10 @@
 """The processor that builds a checkpoint's inputs, for every kind of vr-hf checkpoint.
 
-LLaVA-VR checkpoints carry their own `VisionRememberProcessor` (remote code). Grafted Qwen2.5-VL and MiniCPM-V 4.6
-checkpoints carry the source model's processor files; their stock processors also hold a video processor, which needs
-torchvision. Where torchvision is missing, the stock processor is built with a stand-in for its video part: images
-and text then go through Transformers' own code, exactly as `AutoProcessor` would process them, and only video inputs
-are refused.
+LLaVA-VR checkpoints carry their own `VisionRememberProcessor` (remote code); grafted Qwen2.5-VL and MiniCPM-V 4.6
+checkpoints carry the source model's processor files. `AutoProcessor` loads either. The stock processors of the
+grafts also hold a video processor, which needs torchvision: where torchvision is missing, the stock processor class
+is built with a stand-in for its video part, so images and text still go through its own code (with the PIL image
+processor Transformers falls back to), and only video inputs are refused.
 """
 
 from transformers import CONFIG_MAPPING, AutoImageProcessor, AutoProcessor, AutoTokenizer, PreTrainedConfig
@@ -51,8 +51,7 @@ def without_video(processor_class: type) -> type:
 
 def load_processor(pretrained: str, config: PreTrainedConfig):
     """The processor of the checkpoint in `pretrained`, whose config is `config`."""
-    backbone = getattr(config, "backbone_model_type", None)
+    backbone = getattr(config, "backbone_model_type", None)  # set by grafted configs only
     if backbone is None or is_torchvision_available():
         return AutoProcessor.from_pretrained(pretrained, trust_remote_code=True)
-    stock_class = PROCESSOR_MAPPING[CONFIG_MAPPING[backbone]]
-    return without_video(stock_class).from_pretrained(pretrained)
+    return without_video(PROCESSOR_MAPPING[CONFIG_MAPPING[backbone]]).from_pretrained(pretrained)
