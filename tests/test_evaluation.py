@@ -1,6 +1,11 @@
 """lmms-eval's `vr_hf` model on tiny LLaVA-VR and grafted Qwen2.5-VL / MiniCPM-V checkpoints, the offline tasks, and
 `vr-hf evaluate`. Skipped where lmms-eval is not installed (docs/evaluation.md says how to install it)."""
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -293,6 +298,21 @@ def test_offline_tasks_end_to_end(checkpoints, kind):
         assert len(scores) == len(sample["doc"]["choices"]) == 10
         chosen = sample["doc"]["choices"][int(np.argmin(scores))]
         assert sample["acc"] == float(chosen == sample["target"])
+
+
+def test_the_lmms_eval_command_runs_the_model(checkpoints, tmp_path):
+    """As documented: lmms-eval's own command, the model by its entry point, the offline tasks by --include_path."""
+    lmms_eval_command = os.path.join(os.path.dirname(sys.executable), "lmms-eval")  # the script pip installed
+    command = [lmms_eval_command, "--model", "vr_hf", "--model_args", f"pretrained={checkpoints['llava_vr']}"]
+    command += ["--batch_size", "4", "--tasks", "vr_hf_red_letter_choice", "--limit", "2"]
+    command += ["--include_path", TASKS_DIR, "--output_path", str(tmp_path)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (results_file,) = tmp_path.glob("*/*_results.json")
+    results = json.loads(results_file.read_text())
+    assert results["n-samples"]["vr_hf_red_letter_choice"]["effective"] == 2
+    assert "acc,none" in results["results"]["vr_hf_red_letter_choice"]
 
 
 def test_bad_model_args_fail_before_loading(checkpoints, tmp_path):

@@ -76,6 +76,9 @@ def test_paper_table_command_reads_lmms_eval_results_files(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["paper-table", str(first), str(second), "--names", "one"])
     assert "2 results files but 1 --names" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["paper-table", str(tmp_path / "missing.json")])
+    assert "no such results file" in capsys.readouterr().err
 
 
 def test_evaluate_arguments_are_checked_before_anything_runs(capsys):

@@ -117,6 +117,9 @@ def paper_table(argv=None) -> str:
     arguments = parser.parse_args(argv)
     if arguments.names and len(arguments.names) != len(arguments.results):
         parser.error(f"{len(arguments.results)} results files but {len(arguments.names)} --names")
+    missing = [path for path in arguments.results if not Path(path).is_file()]
+    if missing:
+        parser.error(f"no such results file: {', '.join(missing)}")
     runs = {}
     for index, path in enumerate(arguments.results):
         results = json.loads(Path(path).read_text())

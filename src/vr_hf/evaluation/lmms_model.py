@@ -1,6 +1,6 @@
 """`vr_hf`, the lmms-eval model for every vr-hf checkpoint: LLaVA-VR and grafted Qwen2.5-VL or MiniCPM-V 4.6.
 
-    lmms-eval --model vr_hf --model_args pretrained=outputs/vr-hf/checkpoint,batch_size=16 --tasks ...
+    lmms-eval --model vr_hf --model_args pretrained=outputs/vr-hf/checkpoint,dtype=bfloat16 --batch_size 16 --tasks ...
 
 Installing vr-hf registers it through lmms-eval's `lmms_eval.models` entry point (`vr_hf.evaluation.plugin`).
 """
@@ -42,7 +42,7 @@ class VisionRememberLMMS(lmms):
         dtype: `auto` (the checkpoint's), `float32`, `bfloat16` or `float16`.
         device: `cuda`, `cuda:1`, `cpu`...; default: `cuda` where there is one.
         attn_implementation: `eager`, `sdpa`, `flash_attention_2`...; default: Transformers' choice.
-        batch_size: Requests per forward pass.
+        batch_size: Requests per forward pass (the `lmms-eval` command passes its `--batch_size` here).
     """
 
     is_simple = True
