@@ -1,6 +1,7 @@
 """`vr-hf`: train a pooling baseline and the same model with Vision Remember on an offline fine-grained task."""
 
 import argparse
+import sys
 import time
 from fractions import Fraction
 
@@ -14,6 +15,10 @@ EXAMPLES = """examples:
   vr-hf --ratios 1/9 1/16 --seeds 0 1 2    the paper's trend, averaged over three seeds
   vr-hf --steps 3000 --output-dir runs/long
   vr-hf --decoder smollm2                  a real pretrained decoder (SmolLM2-135M-Instruct), frozen
+
+evaluation with lmms-eval (vr-hf evaluate --help):
+  vr-hf evaluate outputs/vr-hf/checkpoint  the saved checkpoint on the offline lmms-eval tasks
+  vr-hf paper-table RESULTS.json           the paper's Table 1 from an lmms-eval run
 """
 
 
@@ -58,6 +63,12 @@ def parse_arguments(argv=None) -> Settings:
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["evaluate"], ["paper-table"]):
+        from .evaluation import cli
+
+        (cli.evaluate if argv[0] == "evaluate" else cli.paper_table)(argv[1:])
+        return
     settings = parse_arguments(argv)
     start = time.perf_counter()
     results = run(settings)
