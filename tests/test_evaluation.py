@@ -149,8 +149,8 @@ def test_lmms_eval_finds_the_model_through_the_entry_point():
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_continuation_never_feeds_the_text_guided_token(checkpoints, docs, kind):
     """Two continuations that share a prefix get the same log-probabilities on it, bit for bit: what follows the
-    prefix, like the rest of the continuation, never reaches the vision tokens. A forward without labels, which lets
-    the whole text feed the text-guided token, tells them apart."""
+    prefix, like the rest of the continuation, never reaches the vision tokens. A forward that lets the whole text feed
+    the text-guided token tells them apart."""
     lm = load(checkpoints, kind, docs)
     prompt = lm.chat_prompt([docs[0]["image"]], docs[0]["question"])
     circle, square = (lm.tokenize(text) for text in (" a red circle", " a red square"))
@@ -160,11 +160,13 @@ def test_the_continuation_never_feeds_the_text_guided_token(checkpoints, docs, k
     second, _ = lm.continuation_log_probs(prompt, [docs[0]["image"]], [square])
     assert torch.equal(first[:, :shared], second[:, :shared])
 
+    def everything_guides(tokens: list[int]) -> torch.Tensor:
+        inputs = prompt_inputs(lm, docs[0], tokens)
+        everything = torch.ones_like(inputs["input_ids"], dtype=torch.bool)
+        return lm.model(**inputs, prompt_mask=everything).logits[0, -len(tokens) - 1 : -1]
+
     with torch.no_grad():
-        leaked = [
-            lm.model(**prompt_inputs(lm, docs[0], tokens)).logits[0, -len(tokens) - 1 : -1]
-            for tokens in (circle, square)
-        ]
+        leaked = [everything_guides(tokens) for tokens in (circle, square)]
     assert not torch.equal(leaked[0][:shared], leaked[1][:shared]), "Vision Remember must be active for this test"
 
 
