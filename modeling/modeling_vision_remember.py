@@ -132,6 +132,11 @@ class EfficientLlavaModel(VisionRememberPreTrainedModel):
         outputs = self.vision_tower(views, output_hidden_states=True, **tower_arguments)
         hidden_states = outputs.hidden_states
         tokens = self.multi_modal_projector(self.select_features(hidden_states, [self.config.projector_feature_layer]))
+        # The tower's own outputs (after its final norm and pooling head) are not what LLaVA reads: a zero share of
+        # them gives those weights a gradient too, so that every trainable parameter has one on every step.
+        unread = [getattr(outputs, name, None) for name in ("last_hidden_state", "pooler_output")]
+        unread = [output for output in unread if output is not None]
+        tokens = tokens + sum(output.sum() for output in unread) * 0
         views_per_image = [self.image_layout.num_views(size) for size in sizes]
         per_image = zip(tokens.split(views_per_image), sizes)
         keep_hidden_states = output_hidden_states or self.config.vision_config.output_hidden_states
@@ -153,6 +158,15 @@ class EfficientLlavaModel(VisionRememberPreTrainedModel):
         """`get_image_features`, called with the forward's arguments."""
         return self.get_image_features(pixel_values, image_sizes, return_dict=True)
 
+    def stand_in_image(self) -> dict:
+        """A blank image of one view's size, as the image processor lays it out."""
+        size, device, dtype = self.config.vision_config.image_size, self.device, self.vision_tower.dtype
+        if self.config.image_grid_pinpoints is None:
+            return {"pixel_values": torch.zeros(1, 3, size, size, device=device, dtype=dtype)}
+        views = self.image_layout.num_views((size, size))
+        pixel_values = torch.zeros(1, views, 3, size, size, device=device, dtype=dtype)
+        return {"pixel_values": pixel_values, "image_sizes": torch.tensor([[size, size]], device=device)}
+
     @can_return_tuple
     def forward(
         self,
@@ -167,8 +181,8 @@ class EfficientLlavaModel(VisionRememberPreTrainedModel):
         mm_encoder_outputs: dict[str, RememberImageOutputs] | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> VisionRememberModelOutputWithPast:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("Pass input_ids or inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         images = (mm_encoder_outputs or {}).get("image")

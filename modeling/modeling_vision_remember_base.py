@@ -64,6 +64,11 @@ class RememberImageOutputs(BaseModelOutputWithPooling):
     def token_counts(self) -> list[int]:
         return [len(tokens) for tokens in self.pooler_output]
 
+    def zero(self) -> torch.Tensor:
+        """0, computed from every image's vision tokens: added to a loss, it gives every parameter that made them a
+        gradient (of zero)."""
+        return sum(tokens.sum() for tokens in self.pooler_output) * 0
+
     def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All images' features `(rows, L * Dv)` and every token's window of them `(tokens, widest window)`."""
         start, windows = 0, []
@@ -251,8 +256,9 @@ class VisionRememberModelMixin(VisionRememberPreTrainedMixin):
     """Adds `vision_remember` to a model with a decoder at `language_model.layers`.
 
     The backbone defines `get_image_features` (returning `RememberImageOutputs`), `encode_images(pixel_values,
-    **kwargs)` (its `get_image_features`, called with the arguments of its forward) and `image_token_counts(
-    pixel_values, **kwargs)` (vision tokens per image, from the same arguments, before any image is encoded).
+    **kwargs)` (its `get_image_features`, called with the arguments of its forward), `image_token_counts(
+    pixel_values, **kwargs)` (vision tokens per image, from the same arguments, before any image is encoded) and
+    `stand_in_image()` (the `encode_images` arguments of a smallest blank image).
     """
 
     caller_labels = None  # the head's `labels` when a trainer calls this module without them
@@ -294,7 +300,7 @@ class VisionRememberModelMixin(VisionRememberPreTrainedMixin):
             counts = self.image_token_counts(pixel_values, **kwargs) if images is None else images.token_counts()
             check_image_tokens(on_host, counts)
             layout = None
-            if getattr(self, "vision_remember", None) is not None:
+            if self.vision_remember is not None:
                 labels = labels if labels is not None else self.caller_labels
                 layout = self.token_layout(on_host, placeholders, input_ids, attention_mask, labels, prompt_mask)
             if images is None:
@@ -307,6 +313,8 @@ class VisionRememberModelMixin(VisionRememberPreTrainedMixin):
                         "output of this model's own get_image_features."
                     )
                 kwargs["vision_remember"] = self.vision_remember.prepare(layout, *images.packed())
+        elif self.training and torch.is_grad_enabled():
+            inputs_embeds = self.run_stand_in_image(input_ids, inputs_embeds, kwargs)
         return super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -315,6 +323,25 @@ class VisionRememberModelMixin(VisionRememberPreTrainedMixin):
             mm_encoder_outputs=mm_encoder_outputs,
             **kwargs,
         )
+
+    def run_stand_in_image(self, input_ids, inputs_embeds, kwargs: dict) -> torch.Tensor:
+        """A training batch without images runs the vision path anyway, on a stand-in image and with zero weight, in
+        the order a batch with images runs it: every rank then uses every parameter in the same order on every step,
+        as DDP without its unused-parameter search and DeepSpeed ZeRO-3 (whose ranks gather each module's weights
+        together) need. Returns the input embeddings, plus the stand-in's zero; sets the blocks' stand-in context."""
+        images = self.encode_images(**self.stand_in_image())
+        zero = images.zero()
+        if self.vision_remember is not None:
+            placeholders = torch.zeros(len(input_ids if input_ids is not None else inputs_embeds), 1, dtype=torch.bool)
+            placeholders[0, 0] = True  # one stand-in token, where the first sample starts; its updates are zero
+            device = zero.device
+            guidance = placeholders.to(device) if self.vision_remember.text_guidance else None
+            layout = TokenLayout.from_placeholders(placeholders, guidance, device)
+            features, windows = images.packed()
+            kwargs["vision_remember"] = self.vision_remember.prepare(layout, features, windows[:1], stand_in=zero)
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        return inputs_embeds + zero
 
     def token_layout(self, on_host, placeholders, input_ids, attention_mask, labels, prompt_mask) -> TokenLayout:
         guidance = None

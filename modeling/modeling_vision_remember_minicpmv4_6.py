@@ -73,6 +73,19 @@ class VisionRememberMiniCPMV4_6Model(VisionRememberModelMixin, MiniCPMV4_6Model)
         side = PATCHES_PER_TOKEN_SIDE.get(downsample_mode or self.config.downsample_mode, 4)
         return (target_sizes.prod(dim=-1) // side**2).tolist()
 
+    def stand_in_image(self) -> dict:
+        """A blank image of one vision token: one 4x4 block of patches, packed as the image processor packs it."""
+        vision, device = self.config.vision_config, self.device
+        side = PATCHES_PER_TOKEN_SIDE["16x"]
+        pixel_values = torch.zeros(
+            1, vision.num_channels, vision.patch_size, side * side * vision.patch_size, device=device
+        )
+        return {
+            "pixel_values": pixel_values.to(self.vision_tower.dtype),
+            "target_sizes": torch.tensor([[side, side]], device=device),
+            "downsample_mode": "16x",
+        }
+
 
 class VisionRememberMiniCPMV4_6ForConditionalGeneration(
     VisionRememberForConditionalGenerationMixin, MiniCPMV4_6ForConditionalGeneration

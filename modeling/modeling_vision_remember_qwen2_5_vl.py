@@ -67,6 +67,14 @@ class VisionRememberQwen2_5_VLModel(VisionRememberModelMixin, Qwen2_5_VLModel):
     def image_token_counts(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor, **kwargs) -> list[int]:
         return (image_grid_thw.prod(dim=-1) // self.visual.spatial_merge_unit).tolist()
 
+    def stand_in_image(self) -> dict:
+        """A blank image of one vision token: one 2x2 block of patches."""
+        vision, device = self.config.vision_config, self.device
+        patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        pixel_values = torch.zeros(self.visual.spatial_merge_unit, patch, device=device, dtype=self.visual.dtype)
+        merge = vision.spatial_merge_size
+        return {"pixel_values": pixel_values, "image_grid_thw": torch.tensor([[1, merge, merge]], device=device)}
+
 
 class VisionRememberQwen2_5_VLForConditionalGeneration(
     VisionRememberForConditionalGenerationMixin, Qwen2_5_VLForConditionalGeneration

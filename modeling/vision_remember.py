@@ -253,9 +253,16 @@ class RememberContext:
     windowed: torch.Tensor  # (N,) bool: tokens with at least one feature to attend to
     window_features: torch.Tensor  # (N, W, L * Dv): normalised features of each token's window
     window_mask: torch.Tensor  # (N, W): True where the window has a feature
+    # A training batch without images runs the blocks on a stand-in image, to give every parameter a (zero) gradient
+    # on every rank: a zero tensor that carries the stand-in's graph, added in place of every update.
+    stand_in: torch.Tensor | None = None
 
     def remember(self, layer_index: int, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.vision_remember.layers[str(layer_index)](hidden_states, self)
+
+    def weigh(self, update: torch.Tensor) -> torch.Tensor:
+        """A sub-layer's update as it is added: itself, or with a stand-in, zero but still in the graph."""
+        return update if self.stand_in is None else update * 0 + self.stand_in
 
 
 def remember_after_layer(layer_index: int, module, args, kwargs, output):
@@ -308,7 +315,7 @@ class TokenFeatureCrossAttention(nn.Module):
         queries = queries.view(num_tokens, self.num_heads, self.head_dim)
         keys = keys.view(num_tokens, -1, self.num_heads, self.head_dim)
         output = attend_windows(self.attention, queries, keys, window_mask)
-        update = self.out_proj(output.reshape(num_tokens, -1)) * context.windowed[:, None]
+        update = context.weigh(self.out_proj(output.reshape(num_tokens, -1)) * context.windowed[:, None])
         return hidden_states.index_put(position, update.to(hidden_states.dtype), accumulate=True)
 
 
@@ -369,7 +376,7 @@ class TokenBidirectionalSelfAttention(nn.Module):
         slots = self.layout(hidden_states, layout)
         packed = "flash" in backend(self.attention, slots)
         output = self.attend_packed(slots, layout) if packed else self.attend_padded(slots, layout)
-        update = self.out_proj(output)
+        update = context.weigh(self.out_proj(output))
         position = (layout.token_batch, layout.token_position)
         return hidden_states.index_put(position, update.to(hidden_states.dtype), accumulate=True)
 
@@ -437,7 +444,13 @@ class VisionRemember(nn.Module):
             return self.normalize_features(features[rows])
         return self.normalize_features(features)[rows]
 
-    def prepare(self, layout: TokenLayout, features: torch.Tensor, window_index: torch.Tensor) -> RememberContext:
+    def prepare(
+        self,
+        layout: TokenLayout,
+        features: torch.Tensor,
+        window_index: torch.Tensor,
+        stand_in: torch.Tensor | None = None,
+    ) -> RememberContext:
         """The per-forward context: windows gathered and normalised once, for every block.
 
         Tokens without any feature (AnyRes newlines) keep their row, attend to an arbitrary feature, and have their
@@ -452,4 +465,5 @@ class VisionRemember(nn.Module):
             windowed=windowed,
             window_features=self.gather_windows(features, window_index),
             window_mask=window_mask,
+            stand_in=stand_in,
         )

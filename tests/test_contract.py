@@ -295,3 +295,23 @@ def test_heads_declare_what_their_native_counterparts_declare(family):
     native = NATIVE[family.name]
     for attribute in ("_tp_plan", "_can_compile_fullgraph", "_supports_sdpa", "_supports_flash_attn"):
         assert getattr(type(family.model), attribute) == getattr(native, attribute), attribute
+
+
+def test_a_training_batch_without_images_touches_every_parameter(family):
+    """Text only, in training: the vision path runs on a stand-in image with zero weight, so every parameter gets a
+    gradient (as DDP and ZeRO-3 need on every rank) and the outputs are the text model's own."""
+    model = family.model
+    input_ids = torch.tensor([PROMPT + ANSWER, ANSWER + PROMPT])
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    model.train()
+    try:
+        output = model(**inputs, labels=input_ids)
+        output.loss.backward()
+    finally:
+        model.eval()
+    assert torch.equal(output.logits, expected)
+    without = [name for name, parameter in model.named_parameters() if parameter.grad is None]
+    model.zero_grad(set_to_none=True)
+    assert not without, f"no gradient reached {without}"

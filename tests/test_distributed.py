@@ -32,7 +32,13 @@ def free_port() -> int:
 
 
 def launch_recipe(
-    engine: str, data: Path, output_dir: Path, *extra: str, recipe: str = "train_instruction", processes: int = 2
+    engine: str,
+    data: Path,
+    output_dir: Path,
+    *extra: str,
+    recipe: str = "train_instruction",
+    processes: int = 2,
+    timeout: int = 300,
 ) -> subprocess.CompletedProcess:
     """Run a recipe with `accelerate launch --config_file examples/accelerate/{engine}.yaml` and `processes` CPU
     processes: 2 steps of the tiny model, 2 samples per process per step, on `data` (a LLaVA JSON with its images
@@ -57,7 +63,7 @@ def launch_recipe(
         argv.append("--use_cpu")
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     command = launch + script + argv
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=output_dir.parent)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=output_dir.parent)
 
 
 def assert_launch_succeeded(result: subprocess.CompletedProcess, output_dir: Path, processes: int = 2):
@@ -95,6 +101,19 @@ def test_deepspeed_run_shards_and_saves_the_whole_model(tmp_path, engine, stage)
         name.removeprefix("model.").split(".")[0] for name in final if not torch.equal(final[name], after_step_1[name])
     }
     assert changed - {"lm_head"} == {"multi_modal_projector", "image_newline", "vision_remember", "language_model"}
+
+
+@pytest.mark.parametrize("engine", ["ddp", "zero3"])
+def test_a_rank_without_images_trains_in_step_with_the_others(tmp_path, engine):
+    """Every second batch has no image, and (sequential order, one batch per rank) they all go to rank 1: it still
+    uses every parameter, in the same order as rank 0, so DDP needs no unused-parameter search and ZeRO-3's gathers
+    match (a rank that skipped the vision path would hang them)."""
+    data = write_rows(tmp_path / "data", text_only=frozenset({2, 3, 6, 7}))
+    output_dir = tmp_path / "output"
+    ordered = ("--train_sampling_strategy", "sequential", "--ddp_find_unused_parameters", "false")
+    result = launch_recipe(engine, data, output_dir, *ordered, timeout=120)
+    assert_launch_succeeded(result, output_dir)
+    assert "kept 8 (4 text-only)" in result.stdout
 
 
 def test_fsdp_on_cpu_is_refused_not_run_as_ddp(tmp_path):

@@ -15,11 +15,19 @@ from conftest import random_image
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def write_rows(folder: Path, count: int = 8) -> Path:
-    """A tiny LLaVA-style JSON with `count` images of a few sizes; returns the JSON's path (images beside it)."""
+def write_rows(folder: Path, count: int = 8, text_only: frozenset[int] = frozenset()) -> Path:
+    """A tiny LLaVA-style JSON with `count` rows, each with an image of one of a few sizes but those in `text_only`;
+    returns the JSON's path (images beside it)."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for index in range(count):
+        if index in text_only:
+            conversation = [
+                {"from": "human", "value": f"What comes after {index}?"},
+                {"from": "gpt", "value": f"{index + 1}."},
+            ]
+            rows.append({"id": str(index), "conversations": conversation})
+            continue
         random_image(30 + 10 * (index % 3), 60 - 20 * (index % 2), seed=index).save(folder / f"{index}.png")
         conversation = [
             {"from": "human", "value": f"<image>\nWhat is picture {index}?"},

@@ -81,8 +81,6 @@ class VisionRememberForConditionalGenerationModelTest(ModelTesterMixin, unittest
     _is_composite = True
     # AnyRes: the tower's `last_hidden_state` has one row per view, not per image (as for LLaVA-NeXT-style models)
     skip_test_image_features_output_shape = True
-    # The vision tower's `post_layernorm` is never used: the features are its hidden states, as in LLaVA-NeXT
-    test_all_params_have_gradient = False
 
     def setUp(self):
         self.model_tester = VisionRememberModelTester(self)

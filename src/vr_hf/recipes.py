@@ -30,6 +30,9 @@ RECIPE_DEFAULTS = dict(
     max_length=None,  # truncating a sample can cut through its image tokens
     assistant_only_loss=True,
     bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),  # TRL's default bf16 refuses a CPU
+    # Every parameter is used on every step, batches without images included (the model runs its vision path on a
+    # stand-in image, with zero weight): DDP needs no search for unused ones.
+    ddp_find_unused_parameters=False,
 )
 
 
