@@ -33,7 +33,8 @@ class VisionRememberConfig(VisionRememberSettings):
         image_token_id (`int`, *optional*, defaults to 151655):
             Id of the placeholder token that vision tokens replace (Qwen2-VL's `<|image_pad|>`).
         projector_type (`str`, *optional*, defaults to `"avg_pool"`):
-            One of `"avg_pool"`, `"pixel_shuffle"`, `"perceiver"`, `"ldpv2"`.
+            One of `"avg_pool"`, `"pixel_shuffle"`, `"perceiver"`, `"ldpv2"`. The Perceiver resampler's tokens are
+            learned queries over the whole image, with no patch window of their own: it needs `interaction="global"`.
         downsample_factor (`int`, *optional*, defaults to 3):
             Side `s` of the patch window each vision token summarises: compression ratio `1/s**2` (2, 3, 4 give the
             paper's 1/4, 1/9, 1/16).
@@ -136,6 +137,12 @@ class VisionRememberConfig(VisionRememberSettings):
         """Part of `@strict` validation: every error names the field and how to fix it."""
         if self.projector_type not in PROJECTOR_TYPES:
             raise ValueError(f"projector_type={self.projector_type!r} is unknown: use one of {PROJECTOR_TYPES}.")
+        if self.projector_type == "perceiver" and self.use_vision_remember and self.interaction != "global":
+            raise ValueError(
+                f"interaction={self.interaction!r} gives each vision token the patches it was compressed from, but "
+                "the Perceiver resampler's tokens are learned queries over the whole image, not any patch window of "
+                "it: use interaction='global' (each token attends to its whole image)."
+            )
         if self.downsample_factor < 1 or self.grid_size % self.downsample_factor:
             raise ValueError(
                 f"downsample_factor={self.downsample_factor} does not tile the {self.grid_size}x{self.grid_size} "

@@ -1,8 +1,8 @@
 """Efficient projectors: `(views, g*g, Dv)` vision features to `(views, n*n, Dt)` tokens, `n = g / s`, row-major.
 
-Every projector's token `(i, j)` summarises the `s x s` patch window `[i*s:(i+1)*s, j*s:(j+1)*s]`: pooling,
-PixelShuffle and LDPv2 by construction, the Perceiver resampler by our convention (its learned queries are laid out
-row-major on the `n x n` grid and each is given the window of its grid cell).
+Pooling, PixelShuffle and LDPv2 token `(i, j)` summarises the `s x s` patch window `[i*s:(i+1)*s, j*s:(j+1)*s]` by
+construction. The Perceiver resampler's `n*n` tokens are learned queries, each attending to every patch of the view:
+none has a window of its own, so Vision Remember gives them the whole image (`interaction="global"`).
 """
 
 import torch

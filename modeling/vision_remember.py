@@ -296,12 +296,16 @@ class TokenFeatureCrossAttention(nn.Module):
         self.attention = AttentionSettings(config, self.head_dim)
 
     def sample_points(self, queries_in: torch.Tensor, window_features: torch.Tensor) -> torch.Tensor:
-        """Bilinearly sample `num_points` features at learned offsets around the window's centre."""
+        """Bilinearly sample `num_points` features per token at learned points of its `s x s` window: `(x, y)` in
+        `[-1, 1]` spans the window from the outer edge of its first patch to that of its last; beyond the outermost
+        patch centres a point reads the border patch (never zeros), so every point reads a mix of real features."""
         num_tokens, window, channels = window_features.shape
         side = int(window**0.5)
         grid_features = window_features.transpose(1, 2).reshape(num_tokens, channels, side, side)
         points = torch.tanh(self.sampling_offsets(queries_in)).view(num_tokens, 1, -1, 2)
-        sampled = F.grid_sample(grid_features, points.to(grid_features.dtype), align_corners=False)
+        sampled = F.grid_sample(
+            grid_features, points.to(grid_features.dtype), padding_mode="border", align_corners=False
+        )
         return sampled.squeeze(2).transpose(1, 2)
 
     def forward(self, hidden_states: torch.Tensor, context: RememberContext) -> torch.Tensor:

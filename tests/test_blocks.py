@@ -127,3 +127,29 @@ def test_feature_levels_are_normalised_each_on_its_own():
     levels = features.chunk(len(module.feature_norms), dim=-1)
     expected = torch.cat([F.layer_norm(level, level.shape[-1:]) for level in levels], dim=-1)
     torch.testing.assert_close(module.normalize_features(features), expected)  # the norms start as the identity map
+
+
+def deformable_points(module: VisionRemember, points: list[tuple[float, float]]):
+    """Make every token sample exactly `points` (`(x, y)` in the window's [-1, 1] frame)."""
+    offsets = module.layers["0"].cross_attention.sampling_offsets
+    with torch.no_grad():
+        offsets.weight.zero_()
+        offsets.bias.copy_(torch.atanh(torch.tensor(points, dtype=torch.float32).clamp(-0.999, 0.999)).flatten())
+
+
+def test_deformable_points_read_the_patches_they_name():
+    """At a patch centre a point reads that patch; at the window's edges and corners it reads the border patches,
+    never zero padding (a constant window reads as that constant everywhere)."""
+    module = blocks(interaction="deformable", deformable_points=4)
+    cross = module.layers["0"].cross_attention
+    centre = 2 / 3  # patch centres of a 3x3 window sit at -2/3, 0 and 2/3
+    deformable_points(module, [(centre, -centre), (-centre, 0.0), (1.0, 1.0), (0.0, -1.0)])
+    window = torch.randn(5, 9, module.config.remember_feature_size)
+    queries = torch.randn(5, module.config.text_config.hidden_size)
+    sampled = cross.sample_points(queries, window)
+    torch.testing.assert_close(sampled[:, 0], window[:, 2])  # row 0, column 2
+    torch.testing.assert_close(sampled[:, 1], window[:, 3])  # row 1, column 0
+    torch.testing.assert_close(sampled[:, 2], window[:, 8], atol=1e-3, rtol=0)  # the corner: the corner patch
+    torch.testing.assert_close(sampled[:, 3], window[:, 1])  # the top edge above the centre column: row 0, column 1
+    constant = torch.full_like(window, 0.7)
+    torch.testing.assert_close(cross.sample_points(queries, constant), torch.full_like(sampled, 0.7))

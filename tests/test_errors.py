@@ -34,6 +34,7 @@ def model(monkeypatch):
         ({"downsample_factor": 5}, "does not tile the 12x12 feature map"),
         ({"cross_attention_heads": 5}, "cross_attention_heads=5 does not divide"),
         ({"remember_after_layers": [1, 1]}, "repeats a layer"),
+        ({"projector_type": "perceiver"}, "use interaction='global'"),
     ],
 )
 def test_invalid_config(overrides, message):

@@ -31,7 +31,7 @@ MISSING_FOR_FLASH = [
 ]
 FLASH_ATTN = pytest.mark.skipif(bool(MISSING_FOR_FLASH), reason="needs " + " and ".join(MISSING_FOR_FLASH))
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
-TOLERANCES = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+TOLERANCES = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=2e-2)}
 STAND_IN = "flash_varlen_stand_in"
 
 
