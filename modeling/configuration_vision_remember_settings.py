@@ -5,6 +5,7 @@ from transformers.configuration_utils import PreTrainedConfig
 
 
 INTERACTION_TYPES = ("local", "deformable", "global")
+FLASH_MAX_HEAD_DIM = 256  # FlashAttention's largest head_dim
 
 
 @strict
@@ -31,8 +32,9 @@ class VisionRememberSettings(PreTrainedConfig):
             Add the token bidirectional self-attention sub-layer.
         text_guidance (`bool`, *optional*, defaults to `True`):
             Add the text-guided token (a max-pool over the prompt's hidden states) to the self-attention.
-        cross_attention_heads (`int`, *optional*, defaults to 8):
-            Heads of the token-feature cross-attention; must divide the multi-level feature width.
+        cross_attention_heads (`int`, *optional*):
+            Heads of the token-feature cross-attention; must divide the multi-level feature width. Defaults to the
+            fewest heads, at least 8, whose head_dim FlashAttention can run (at most 256): 12 for 3 x 1024 features.
         self_attention_heads (`int`, *optional*):
             Heads of the bidirectional self-attention; defaults to the decoder's.
         projector_hidden_act (`str`, *optional*, defaults to `"gelu"`):
@@ -53,7 +55,7 @@ class VisionRememberSettings(PreTrainedConfig):
     deformable_points: int = 4
     bidirectional: bool = True
     text_guidance: bool = True
-    cross_attention_heads: int = 8
+    cross_attention_heads: int | None = None
     self_attention_heads: int | None = None
     projector_hidden_act: str = "gelu"
     identity_init: bool = True
@@ -67,6 +69,12 @@ class VisionRememberSettings(PreTrainedConfig):
             self.vision_feature_layers = self.default_vision_feature_layers()
         if self.self_attention_heads is None:
             self.self_attention_heads = self.text_config.num_attention_heads
+        if self.cross_attention_heads is None:
+            width = self.remember_feature_size
+            fitting = (
+                heads for heads in range(8, width + 1) if width % heads == 0 and width // heads <= FLASH_MAX_HEAD_DIM
+            )
+            self.cross_attention_heads = next(fitting, 8)
 
     def default_vision_feature_layers(self) -> list[int]:
         raise NotImplementedError

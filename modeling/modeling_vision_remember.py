@@ -27,7 +27,6 @@ from .modeling_vision_remember_base import (
     VisionRememberModelMixin,
     VisionRememberPreTrainedMixin,
     placeholder_mask,
-    remember_windows,
 )
 from .projectors import PerceiverProjector, build_projector
 
@@ -150,8 +149,7 @@ class EfficientLlavaModel(VisionRememberPreTrainedModel):
             features = self.select_features(hidden_states, self.config.remember_feature_layers)
             rows = [count * features.shape[1] for count in views_per_image]
             image_outputs.remember_features = features.flatten(0, 1).split(rows)
-            local = image_windows(self.config, sizes, pixel_values.device)
-            image_outputs.window_index = remember_windows(self.config, local, rows)
+            image_outputs.window_index = image_windows(self.config, sizes, pixel_values.device)
         return image_outputs
 
     def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None, **kwargs):

@@ -25,14 +25,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, logging
 
-from .vision_remember import (
-    NO_WINDOW,
-    TokenLayout,
-    VisionRemember,
-    fork_rng_on,
-    init_vision_remember_weights,
-    stack_windows,
-)
+from .vision_remember import TokenLayout, VisionRemember, fork_rng_on, init_vision_remember_weights
 
 
 logger = logging.get_logger(__name__)
@@ -55,7 +48,7 @@ class RememberImageOutputs(BaseModelOutputWithPooling):
     remember_features (`tuple(torch.FloatTensor)`, one of shape `(feature_rows, L * Dv)` per image):
         The multi-level vision features of each image. None for a model without Vision Remember.
     window_index (`tuple(torch.LongTensor)`, one of shape `(vision_tokens, window)` per image):
-        Each of the image's vision tokens' rows of its `remember_features`, -1 where none.
+        Each of the image's vision tokens' rows of its `remember_features` it was compressed from, -1 where none.
     """
 
     remember_features: tuple[torch.FloatTensor, ...] | None = None
@@ -68,14 +61,6 @@ class RememberImageOutputs(BaseModelOutputWithPooling):
         """0, computed from every image's vision tokens: added to a loss, it gives every parameter that made them a
         gradient (of zero)."""
         return sum(tokens.sum() for tokens in self.pooler_output) * 0
-
-    def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All images' features `(rows, L * Dv)` and every token's window of them `(tokens, widest window)`."""
-        start, windows = 0, []
-        for features, window in zip(self.remember_features, self.window_index):
-            windows.append(torch.where(window == NO_WINDOW, NO_WINDOW, window + start))
-            start += len(features)
-        return torch.cat(self.remember_features), stack_windows(windows)
 
     def select_images(self, order: list[int]):
         """Keep images `order` (repeats allowed), in that order."""
@@ -216,17 +201,6 @@ def capture_hidden_states(layers: nn.ModuleList, indices: list[int]):
             handle.remove()
 
 
-def remember_windows(config, local: list[torch.Tensor], rows_per_image: list[int]) -> tuple[torch.Tensor, ...]:
-    """Each image's token windows, as rows of its own features: each token's local window (the features it was
-    compressed from), or for `interaction="global"` every row of its image, for each token that has a local one."""
-    if config.interaction != "global":
-        return tuple(local)
-    return tuple(
-        torch.where(window[:, :1] >= 0, torch.arange(rows, device=window.device), NO_WINDOW)
-        for window, rows in zip(local, rows_per_image)
-    )
-
-
 class VisionRememberPreTrainedMixin:
     """Initialises the Vision Remember weights; goes first in the bases of both the model and its head."""
 
@@ -312,7 +286,9 @@ class VisionRememberModelMixin(VisionRememberPreTrainedMixin):
                         "mm_encoder_outputs['image'] holds no Vision Remember features: pass pixel_values, or the "
                         "output of this model's own get_image_features."
                     )
-                kwargs["vision_remember"] = self.vision_remember.prepare(layout, *images.packed())
+                kwargs["vision_remember"] = self.vision_remember.prepare(
+                    layout, images.remember_features, images.window_index
+                )
         elif self.training and torch.is_grad_enabled():
             inputs_embeds = self.run_stand_in_image(input_ids, inputs_embeds, kwargs)
         return super().forward(
@@ -337,8 +313,8 @@ class VisionRememberModelMixin(VisionRememberPreTrainedMixin):
             device = zero.device
             guidance = placeholders.to(device) if self.vision_remember.text_guidance else None
             layout = TokenLayout.from_placeholders(placeholders, guidance, device)
-            features, windows = images.packed()
-            kwargs["vision_remember"] = self.vision_remember.prepare(layout, features, windows[:1], stand_in=zero)
+            features, windows = images.remember_features[:1], [images.window_index[0][:1]]
+            kwargs["vision_remember"] = self.vision_remember.prepare(layout, features, windows, stand_in=zero)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         return inputs_embeds + zero
@@ -410,5 +386,4 @@ __all__ = [
     "VisionRememberModelMixin",
     "capture_hidden_states",
     "placeholder_mask",
-    "remember_windows",
 ]

@@ -21,7 +21,6 @@ from .modeling_vision_remember_base import (
     VisionRememberForConditionalGenerationMixin,
     VisionRememberModelMixin,
     capture_hidden_states,
-    remember_windows,
 )
 from .vision_remember import block_windows
 
@@ -57,9 +56,7 @@ class VisionRememberMiniCPMV4_6Model(VisionRememberModelMixin, MiniCPMV4_6Model)
         sizes = target_sizes.tolist()
         rows = [height * width for height, width in sizes]
         local = [block_windows(height, width, side, features.device) for height, width in sizes]
-        return RememberImageOutputs(
-            **outputs, remember_features=features.split(rows), window_index=remember_windows(self.config, local, rows)
-        )
+        return RememberImageOutputs(**outputs, remember_features=features.split(rows), window_index=local)
 
     def encode_images(
         self, pixel_values: torch.Tensor, target_sizes: torch.IntTensor, downsample_mode: str | None = None, **kwargs

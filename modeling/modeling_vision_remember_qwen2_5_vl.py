@@ -21,7 +21,6 @@ from .modeling_vision_remember_base import (
     VisionRememberForConditionalGenerationMixin,
     VisionRememberModelMixin,
     capture_hidden_states,
-    remember_windows,
 )
 
 
@@ -56,9 +55,7 @@ class VisionRememberQwen2_5_VLModel(VisionRememberModelMixin, Qwen2_5_VLModel):
         )
         rows = [len(image) * unit for image in outputs.pooler_output]
         local = [torch.arange(count, device=features.device).view(-1, unit) for count in rows]
-        return RememberImageOutputs(
-            **outputs, remember_features=features.split(rows), window_index=remember_windows(self.config, local, rows)
-        )
+        return RememberImageOutputs(**outputs, remember_features=features.split(rows), window_index=local)
 
     def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor, **kwargs):
         """`get_image_features`, called as the native forward calls it."""

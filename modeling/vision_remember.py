@@ -32,18 +32,34 @@ from functools import partial
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils.rnn import pad_sequence
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 from transformers.utils import logging
+from transformers.utils.import_utils import (
+    is_flash_attn_2_available,
+    is_flash_attn_3_available,
+    is_flash_attn_4_available,
+)
 
-from .configuration_vision_remember_settings import VisionRememberSettings
+from .configuration_vision_remember_settings import FLASH_MAX_HEAD_DIM, VisionRememberSettings
+
+
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # torch before 2.10
+    varlen_attn = None
 
 
 logger = logging.get_logger(__name__)
 
-FLASH_MAX_HEAD_DIM = 256
+FLASH_PACKAGES = {
+    "flash_attention_2": is_flash_attn_2_available,
+    "flash_attention_3": is_flash_attn_3_available,
+    "flash_attention_4": is_flash_attn_4_available,
+}
 NO_WINDOW = -1
 
 
@@ -56,7 +72,17 @@ def flash_problems(module: nn.Module, tensor: torch.Tensor) -> list[str]:
         problems.append(f"it needs float16 or bfloat16, not {tensor.dtype}")
     if module.head_dim > FLASH_MAX_HEAD_DIM:
         problems.append(f"head_dim {module.head_dim} is above its limit of {FLASH_MAX_HEAD_DIM} (use more heads)")
+    implementation = module.config._attn_implementation
+    if implementation in FLASH_PACKAGES and not FLASH_PACKAGES[implementation]() and varlen_attn is None:
+        problems.append("neither its package nor torch's own varlen kernels (torch.nn.attention.varlen) are here")
     return problems
+
+
+def uses_torch_varlen(implementation: str) -> bool:
+    """FlashAttention asked for without its package: torch's own varlen kernels (the same FlashAttention algorithm,
+    shipped with torch) run the packed attention instead."""
+    package = FLASH_PACKAGES.get(implementation)
+    return package is not None and not package() and varlen_attn is not None
 
 
 def backend(module: nn.Module, tensor: torch.Tensor) -> str:
@@ -100,15 +126,19 @@ def sequence_starts(lengths: torch.Tensor) -> torch.Tensor:
 
 def attend_packed(module: nn.Module, query, key, value, query_lengths, key_lengths, max_query, max_key):
     """FlashAttention varlen over packed sequences: `query` `(total_q, heads, head_dim)`, `key` and `value`
-    `(total_k, heads, head_dim)`. Returns `(total_q, heads, head_dim)`."""
+    `(total_k, heads, head_dim)`. Returns `(total_q, heads, head_dim)`. The flash-attn package's kernels through
+    Transformers' attention interface where installed, else torch's own."""
+    starts = sequence_starts(query_lengths), sequence_starts(key_lengths)
+    if uses_torch_varlen(module.config._attn_implementation):
+        return varlen_attn(query, key, value, *starts, max_query, max_key, scale=module.scaling)
     query, key, value = (tensor[None].transpose(1, 2) for tensor in (query, key, value))
     output = attend(
         module,
         query,
         key,
         value,
-        cu_seq_lens_q=sequence_starts(query_lengths),
-        cu_seq_lens_k=sequence_starts(key_lengths),
+        cu_seq_lens_q=starts[0],
+        cu_seq_lens_k=starts[1],
         max_length_q=max_query,
         max_length_k=max_key,
     )
@@ -135,6 +165,22 @@ def attend_windows(module: nn.Module, query, window, window_mask=None) -> torch.
     mask = None if window_mask is None else window_mask[:, None, None, :]
     output = F.scaled_dot_product_attention(query[:, :, None], keys, keys, attn_mask=mask, scale=module.scaling)
     return output[:, :, 0]
+
+
+def attend_images(module: nn.Module, query, features, tokens_per_image: list[int], features_per_image: list[int]):
+    """Each image's tokens' queries against all of that image's features, shared as keys and values (no per-token
+    copies). `query`: `(tokens, heads, head_dim)`, image after image; `features`: `(features, heads, head_dim)`, image
+    after image. Returns `(tokens, heads, head_dim)`."""
+    if "flash" in backend(module, query):
+        lengths = [to_device(counts, query.device, torch.int32) for counts in (tokens_per_image, features_per_image)]
+        return attend_packed(
+            module, query, features, features, *lengths, max(tokens_per_image), max(features_per_image)
+        )
+    queries = pad_sequence(query.split(tokens_per_image), batch_first=True).transpose(1, 2)
+    keys = pad_sequence(features.split(features_per_image), batch_first=True).transpose(1, 2)
+    present = [torch.ones(count, dtype=torch.bool, device=query.device) for count in features_per_image]
+    output = attend(module, queries, keys, keys, pad_sequence(present, batch_first=True))
+    return torch.cat([image[:count] for image, count in zip(output, tokens_per_image)])
 
 
 class OutputProjection(nn.Linear):
@@ -192,10 +238,25 @@ class AttentionSettings(nn.Module):
         self.scaling = head_dim**-0.5
 
 
-def stack_windows(windows: list[torch.Tensor]) -> torch.Tensor:
-    """Stack `(tokens, window)` blocks of different window widths into one, padded with `NO_WINDOW`."""
+def concat_windows(windows: list[torch.Tensor], feature_counts: list[int]) -> torch.Tensor:
+    """Per-image `(tokens, window)` rows of each image's own features to one `(tokens, widest window)` of rows of all
+    images' features concatenated, padded with `NO_WINDOW`."""
     width = max(window.shape[1] for window in windows)
-    return torch.cat([F.pad(window, (0, width - window.shape[1]), value=NO_WINDOW) for window in windows])
+    starts = [sum(feature_counts[:index]) for index in range(len(windows))]
+    return torch.cat(
+        [
+            F.pad(torch.where(window == NO_WINDOW, NO_WINDOW, window + start), (0, width - window.shape[1]), value=-1)
+            for window, start in zip(windows, starts)
+        ]
+    )
+
+
+def to_device(values, device: torch.device, dtype=torch.long) -> torch.Tensor:
+    """A small host tensor (or list) on `device`, copied without waiting for the work queued there."""
+    tensor = torch.as_tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def block_windows(height: int, width: int, side: int, device=None) -> torch.Tensor:
@@ -235,9 +296,10 @@ class TokenLayout:
         length = int(counts.max()) + int(guidance_mask is not None)
         slot_mask = torch.arange(length)[None, :] < counts[:, None]
         layout = cls(
-            *(tensor.to(device) for tensor in (token_batch, token_position)),
+            *(to_device(tensor, device) for tensor in (token_batch, token_position)),
             guidance_mask,
-            *(tensor.to(device) for tensor in (sample_rows, slot_row, slot_column, slot_mask)),
+            *(to_device(tensor, device) for tensor in (sample_rows, slot_row, slot_column)),
+            to_device(slot_mask, device, dtype=torch.bool),
         )
         if guidance_mask is not None:
             layout.slot_mask[:, -1] = guidance_mask[layout.sample_rows].any(dim=1)
@@ -246,13 +308,19 @@ class TokenLayout:
 
 @dataclass
 class RememberContext:
-    """Everything the Vision Remember blocks need in one forward pass, computed once and shared by all blocks."""
+    """Everything the Vision Remember blocks need in one forward pass, computed once and shared by all blocks.
+
+    The cross-attention's keys: for `local` and `deformable` interaction each token's window of normalised features;
+    for `global` each image's normalised features, shared by all of its tokens."""
 
     vision_remember: "VisionRemember"
     layout: TokenLayout
-    windowed: torch.Tensor  # (N,) bool: tokens with at least one feature to attend to
-    window_features: torch.Tensor  # (N, W, L * Dv): normalised features of each token's window
-    window_mask: torch.Tensor  # (N, W): True where the window has a feature
+    windowed: torch.Tensor  # (N,) bool: tokens with features to attend to (not AnyRes newlines)
+    window_features: torch.Tensor | None = None  # (N, W, L * Dv)
+    window_mask: torch.Tensor | None = None  # (N, W): True where the window has a feature
+    image_features: torch.Tensor | None = None  # (all images' features, L * Dv), image after image
+    tokens_per_image: list[int] | None = None
+    features_per_image: list[int] | None = None
     # A training batch without images runs the blocks on a stand-in image, to give every parameter a (zero) gradient
     # on every rank: a zero tensor that carries the stand-in's graph, added in place of every update.
     stand_in: torch.Tensor | None = None
@@ -312,13 +380,19 @@ class TokenFeatureCrossAttention(nn.Module):
         position = (context.layout.token_batch, context.layout.token_position)
         queries_in = self.norm(hidden_states[position])
         queries = self.query_out(self.act(self.query_up(queries_in)))
-        keys, window_mask = context.window_features, context.window_mask
-        if self.interaction == "deformable":
-            keys, window_mask = self.sample_points(queries_in, keys), None
         num_tokens = queries.shape[0]
         queries = queries.view(num_tokens, self.num_heads, self.head_dim)
-        keys = keys.view(num_tokens, -1, self.num_heads, self.head_dim)
-        output = attend_windows(self.attention, queries, keys, window_mask)
+        if self.interaction == "global":
+            features = context.image_features.view(-1, self.num_heads, self.head_dim)
+            output = attend_images(
+                self.attention, queries, features, context.tokens_per_image, context.features_per_image
+            )
+        else:
+            keys, window_mask = context.window_features, context.window_mask
+            if self.interaction == "deformable":
+                keys, window_mask = self.sample_points(queries_in, keys), None
+            keys = keys.view(num_tokens, -1, self.num_heads, self.head_dim)
+            output = attend_windows(self.attention, queries, keys, window_mask)
         update = context.weigh(self.out_proj(output.reshape(num_tokens, -1)) * context.windowed[:, None])
         return hidden_states.index_put(position, update.to(hidden_states.dtype), accumulate=True)
 
@@ -437,37 +511,34 @@ class VisionRemember(nn.Module):
         return torch.cat([norm(level) for norm, level in zip(self.feature_norms, levels)], dim=-1)
 
     def gather_windows(self, features: torch.Tensor, window_index: torch.Tensor) -> torch.Tensor:
-        """`(tokens, window, L * Dv)`: each window's normalised features in the blocks' dtype (any feature in holes).
-
-        Normalises whichever is smaller: the gathered windows (local windows skip the features that AnyRes unpadding
-        dropped) or all features (global windows repeat every feature once per token).
-        """
-        features = features.to(self.feature_norms[0].weight.dtype)
-        rows = window_index.clamp(min=0)
-        if rows.numel() <= features.shape[0]:
-            return self.normalize_features(features[rows])
-        return self.normalize_features(features)[rows]
+        """`(tokens, window, L * Dv)`: each window's normalised features (any feature in holes)."""
+        return self.normalize_features(features[window_index.clamp(min=0)])
 
     def prepare(
         self,
         layout: TokenLayout,
-        features: torch.Tensor,
-        window_index: torch.Tensor,
+        features: list[torch.Tensor],
+        windows: list[torch.Tensor],
         stand_in: torch.Tensor | None = None,
     ) -> RememberContext:
-        """The per-forward context: windows gathered and normalised once, for every block.
+        """The per-forward context, for every block: per image, its multi-level features `(rows, L * Dv)` and each of
+        its tokens' window of them `(tokens, window)`, -1 where none. Features are normalised once, in the blocks'
+        dtype: each window's for `local` and `deformable` interaction, each image's for `global`.
 
-        Tokens without any feature (AnyRes newlines) keep their row, attend to an arbitrary feature, and have their
-        update dropped: no shape depends on which tokens have windows.
+        Tokens without any feature (AnyRes newlines) keep their row and have their update dropped: no shape depends
+        on which tokens have windows.
         """
-        window_mask = window_index >= 0
-        windowed = window_mask.any(dim=1)
-        window_mask[:, 0] |= ~windowed
-        return RememberContext(
-            vision_remember=self,
-            layout=layout,
-            windowed=windowed,
-            window_features=self.gather_windows(features, window_index),
-            window_mask=window_mask,
-            stand_in=stand_in,
-        )
+        feature_counts = [len(image) for image in features]
+        window_index = concat_windows(windows, feature_counts)
+        windowed = (window_index >= 0).any(dim=1)
+        features = torch.cat(features).to(self.feature_norms[0].weight.dtype)
+        context = RememberContext(vision_remember=self, layout=layout, windowed=windowed, stand_in=stand_in)
+        if self.config.interaction == "global":
+            context.image_features = self.normalize_features(features)
+            context.tokens_per_image = [len(window) for window in windows]
+            context.features_per_image = feature_counts
+        else:
+            context.window_mask = window_index >= 0
+            context.window_mask[:, 0] |= ~windowed  # a row with nothing to attend to would give NaN
+            context.window_features = self.gather_windows(features, window_index)
+        return context

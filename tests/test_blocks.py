@@ -76,7 +76,7 @@ def test_vision_tokens_attend_to_later_vision_tokens(implementation, stand_in_fl
     module = blocks(implementation)
     layout, features, windows, hidden_states = layout_and_inputs(module)
     self_attention = module.layers["0"].self_attention
-    context = module.prepare(layout, features, windows)
+    context = module.prepare(layout, [features], [windows])
     changed = hidden_states.clone()
     changed[0, PLACEHOLDERS[0][-1]] += 1.0
     with torch.no_grad():
@@ -94,7 +94,7 @@ def test_cross_attention_is_one_query_over_its_own_window(implementation, stand_
     layout, features, windows, hidden_states = layout_and_inputs(module)
     cross = module.layers["0"].cross_attention
     with torch.no_grad():
-        output = cross(hidden_states, module.prepare(layout, features, windows))
+        output = cross(hidden_states, module.prepare(layout, [features], [windows]))
         normalized = module.normalize_features(features)
         heads, head_dim = cross.num_heads, cross.head_dim
         for token, (sample, position) in enumerate(zip(layout.token_batch.tolist(), layout.token_position.tolist())):
@@ -115,7 +115,7 @@ def test_tokens_without_a_window_are_left_alone():
     layout, features, windows, hidden_states = layout_and_inputs(module)
     windows[2] = -1
     with torch.no_grad():
-        output = module.layers["0"].cross_attention(hidden_states, module.prepare(layout, features, windows))
+        output = module.layers["0"].cross_attention(hidden_states, module.prepare(layout, [features], [windows]))
     sample, position = layout.token_batch[2], layout.token_position[2]
     assert torch.equal(output[sample, position], hidden_states[sample, position])
     assert not torch.equal(output[layout.token_batch[3], layout.token_position[3]], hidden_states[0, 6])
@@ -153,3 +153,26 @@ def test_deformable_points_read_the_patches_they_name():
     torch.testing.assert_close(sampled[:, 3], window[:, 1])  # the top edge above the centre column: row 0, column 1
     constant = torch.full_like(window, 0.7)
     torch.testing.assert_close(cross.sample_points(queries, constant), torch.full_like(sampled, 0.7))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_global_cross_attention_is_one_query_over_its_own_image(implementation, stand_in_flash):
+    """`global` by hand: each token's expanded query attends to every normalised feature of its own image (the keys
+    its image's tokens share), and to no other image's."""
+    module = blocks(implementation, interaction="global")
+    layout, _, _, hidden_states = layout_and_inputs(module)
+    counts = [len(positions) for positions in PLACEHOLDERS]
+    features = [torch.randn(rows, module.config.remember_feature_size) for rows in (7, 11)]
+    windows = [torch.zeros(count, 1, dtype=torch.long) for count in counts]  # every token has a (local) window
+    cross = module.layers["0"].cross_attention
+    with torch.no_grad():
+        output = cross(hidden_states, module.prepare(layout, features, windows))
+        heads, head_dim = cross.num_heads, cross.head_dim
+        images = [image for image, count in enumerate(counts) for _ in range(count)]
+        for token, (sample, position) in enumerate(zip(layout.token_batch.tolist(), layout.token_position.tolist())):
+            state = hidden_states[sample, position]
+            query = cross.query_out(cross.act(cross.query_up(cross.norm(state)))).view(heads, head_dim)
+            keys = module.normalize_features(features[images[token]]).view(-1, heads, head_dim)
+            weights = torch.softmax(torch.einsum("hd,fhd->hf", query, keys) / head_dim**0.5, dim=-1)
+            update = cross.out_proj(torch.einsum("hf,fhd->hd", weights, keys).flatten())
+            torch.testing.assert_close(output[sample, position], state + update, atol=1e-5, rtol=1e-4)

@@ -9,7 +9,6 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from vr_hf.modeling import vision_remember
 from vr_hf.modeling.image_layout import ImageLayout, image_windows
-from vr_hf.modeling.modeling_vision_remember_base import RememberImageOutputs, remember_windows
 from vr_hf.modeling.vision_remember import (
     AttentionSettings,
     OutputProjection,
@@ -25,14 +24,18 @@ MISSING_FOR_FLASH = [
     missing
     for missing, available in [
         ("a CUDA device", torch.cuda.is_available()),
-        ("flash-attn installed", importlib.util.find_spec("flash_attn") is not None),
+        (
+            "flash-attn or torch.nn.attention.varlen",
+            importlib.util.find_spec("flash_attn") is not None or vision_remember.varlen_attn is not None,
+        ),
     ]
     if not available
 ]
 FLASH_ATTN = pytest.mark.skipif(bool(MISSING_FOR_FLASH), reason="needs " + " and ".join(MISSING_FOR_FLASH))
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 TOLERANCES = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=2e-2)}
-STAND_IN = "flash_varlen_stand_in"
+STAND_IN = "flash_varlen_stand_in"  # FlashAttention through Transformers' attention interface, stood in for
+TORCH_VARLEN = "flash_attention_2"  # without the flash-attn package: torch's own varlen kernels, stood in for
 
 
 def varlen_stand_in(module, query, key, value, attention_mask, scaling, cu_seq_lens_q, cu_seq_lens_k, **kwargs):
@@ -45,11 +48,20 @@ def varlen_stand_in(module, query, key, value, attention_mask, scaling, cu_seq_l
     return output.transpose(1, 2), None
 
 
+def torch_varlen_stand_in(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale):
+    """`torch.nn.attention.varlen.varlen_attn` on any device: `(total, heads, head_dim)` in and out."""
+    query, key, value = (tensor[None].transpose(1, 2) for tensor in (query, key, value))
+    return varlen_stand_in(None, query, key, value, None, scale, cu_seq_q, cu_seq_k)[0][0]
+
+
 @pytest.fixture
 def stand_in_flash(monkeypatch):
-    """Route the `flash` paths to `varlen_stand_in`."""
+    """Route the `flash` paths to `varlen_stand_in` (Transformers' interface, `STAND_IN`) and, for `TORCH_VARLEN`
+    asked for without the flash-attn package, to `torch_varlen_stand_in`."""
     monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, STAND_IN, varlen_stand_in)
     monkeypatch.setattr(vision_remember, "flash_problems", lambda module, tensor: [])
+    monkeypatch.setitem(vision_remember.FLASH_PACKAGES, TORCH_VARLEN, lambda: False)
+    monkeypatch.setattr(vision_remember, "varlen_attn", torch_varlen_stand_in)
 
 
 def settings(implementation: str, head_dim: int) -> AttentionSettings:
@@ -76,7 +88,7 @@ SHAPES = [(7, 9, 2, 8, False), (5, 25, 3, 16, False), (6, 16, 1, 32, True), (4, 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda shape: "tokens{}-window{}-heads{}-dim{}-holes{}".format(*shape))
-@pytest.mark.parametrize("implementation", ["sdpa", STAND_IN])
+@pytest.mark.parametrize("implementation", ["sdpa", STAND_IN, TORCH_VARLEN])
 def test_windowed_attention_equals_reference(shape, dtype, device, implementation, stand_in_flash):
     num_tokens, width, heads, head_dim, holes = shape
     query, window, mask = random_windows(num_tokens, width, heads, head_dim, holes, dtype, device, seed=width)
@@ -112,13 +124,9 @@ def context_inputs(module: VisionRemember, dtype, device="cpu"):
     sizes = [(50, 100), (100, 80)]
     layout = ImageLayout.from_config(config)
     rows = [layout.num_views(size) * config.grid_size**2 for size in sizes]
-    local = image_windows(config, sizes)
-    images = RememberImageOutputs(
-        pooler_output=local,
-        remember_features=tuple(torch.randn(count, config.remember_feature_size).to(dtype) for count in rows),
-        window_index=remember_windows(config, local, rows),
-    )
-    counts = [len(window) for window in local]
+    windows = image_windows(config, sizes)
+    features = [torch.randn(count, config.remember_feature_size).to(dtype).to(device) for count in rows]
+    counts = [len(window) for window in windows]
     length = max(counts) + 8
     placeholders = torch.zeros(3, length, dtype=torch.bool)
     for row, count in enumerate(counts):
@@ -128,8 +136,7 @@ def context_inputs(module: VisionRemember, dtype, device="cpu"):
     guidance_mask[1, :] = False  # one sample without prompt text: its text-guided token is masked out
     hidden_states = torch.randn(3, length, config.text_config.hidden_size).to(dtype)
     token_layout = TokenLayout.from_placeholders(placeholders, guidance_mask.to(device), torch.device(device))
-    features, window_index = images.packed()
-    return (token_layout, features.to(device), window_index.to(device)), hidden_states.to(device)
+    return (token_layout, features, [window.to(device) for window in windows]), hidden_states.to(device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -137,17 +144,16 @@ def context_inputs(module: VisionRemember, dtype, device="cpu"):
     "downsample_factor, interaction",
     [(3, "local"), (5, "local"), (3, "global"), (5, "deformable")],
 )
-@pytest.mark.parametrize("implementation", ["sdpa", STAND_IN])
+@pytest.mark.parametrize("implementation", ["sdpa", STAND_IN, TORCH_VARLEN])
 def test_blocks_equal_reference(downsample_factor, interaction, implementation, dtype, stand_in_flash):
     """Both sub-layers of every block, on real windows: the packed and SDPA paths against eager."""
     reference = blocks(downsample_factor, interaction, "eager", dtype)
     fast = blocks(downsample_factor, interaction, implementation, dtype)
     inputs, hidden_states = context_inputs(reference, dtype)
     context = reference.prepare(*inputs)
-    holes = ~context.window_mask[context.windowed]
-    assert bool(holes.any()) == (interaction == "global"), "only global windows of unequal images have holes"
     assert not context.windowed.all(), "newline tokens have no window"
-    assert context.window_features.dtype == dtype
+    keys = context.image_features if interaction == "global" else context.window_features
+    assert keys.dtype == dtype
 
     with torch.no_grad():
         expected = reference.layers["0"](hidden_states, context)
@@ -159,11 +165,11 @@ def test_blocks_gradients_equal_reference(stand_in_flash):
     reference = blocks(3, "local", "eager", torch.float32)
     inputs, hidden_states = context_inputs(reference, torch.float32)
     gradients = {}
-    for implementation in ("eager", "sdpa", STAND_IN):
+    for implementation in ("eager", "sdpa", STAND_IN, TORCH_VARLEN):
         module = blocks(3, "local", implementation, torch.float32)
         module.layers["0"](hidden_states, module.prepare(*inputs)).square().sum().backward()
         gradients[implementation] = {name: parameter.grad for name, parameter in module.named_parameters()}
-    for implementation in ("sdpa", STAND_IN):
+    for implementation in ("sdpa", STAND_IN, TORCH_VARLEN):
         for name, gradient in gradients["eager"].items():
             torch.testing.assert_close(gradients[implementation][name], gradient, atol=1e-4, rtol=1e-4, msg=name)
 
@@ -178,6 +184,16 @@ def test_flash_falls_back_to_sdpa_and_says_why(monkeypatch):
     assert len(messages) == 1
     for reason in ("flash_attention_2", "CUDA", "float16 or bfloat16", "head_dim 384", "falls back to sdpa"):
         assert reason in messages[0]
+
+
+def test_flash_without_its_package_or_torch_varlen_says_so(monkeypatch):
+    monkeypatch.setitem(vision_remember.FLASH_PACKAGES, "flash_attention_2", lambda: False)
+    monkeypatch.setattr(vision_remember, "varlen_attn", None)
+    module = settings("flash_attention_2", 16)
+    problems = vision_remember.flash_problems(module, torch.empty(0, device="cpu", dtype=torch.bfloat16))
+    assert "neither its package nor torch's own varlen kernels (torch.nn.attention.varlen) are here" in problems
+    monkeypatch.setattr(vision_remember, "varlen_attn", lambda *args, **kwargs: None)
+    assert vision_remember.uses_torch_varlen("flash_attention_2") and not vision_remember.uses_torch_varlen("sdpa")
 
 
 @FLASH_ATTN

@@ -15,6 +15,7 @@ from transformers import AutoModelForImageTextToText
 from vr_hf.conversion import ConversionError, graft_minicpmv4_6, graft_qwen2_5_vl, strip_vision_remember
 from vr_hf.conversion.graft import CarriedFiles
 from vr_hf.modeling.modeling_vision_remember_base import RememberImageOutputs
+from vr_hf.modeling.vision_remember import concat_windows
 
 from conftest import random_image
 from tiny_grafts import (
@@ -145,7 +146,7 @@ def test_each_token_window_is_its_own_patch_block(checkpoints, name, mode, side)
             image = model.model.get_image_features(
                 inputs["pixel_values"], inputs["target_sizes"], downsample_mode=mode
             )
-    features, window_index = image.packed()
+    (features,), (window_index,) = image.remember_features, image.window_index
     coordinates = features[:, :2][window_index].round().long()  # (tokens, side**2, 2)
 
     token_rows, token_cols = torch.meshgrid(torch.arange(rows // side), torch.arange(cols // side), indexing="ij")
@@ -157,19 +158,28 @@ def test_each_token_window_is_its_own_patch_block(checkpoints, name, mode, side)
 
 
 @pytest.mark.parametrize("name", ["qwen2_5_vl", "minicpmv4_6"])
-def test_global_windows_are_the_whole_image(checkpoints, name):
+def test_global_interaction_attends_to_the_whole_image(checkpoints, name):
     config = GRAFTED_CLASS[name].config_class.from_pretrained(checkpoints["grafted"][name], interaction="global")
     model = GRAFTED_CLASS[name](config).eval()
-    pixels = {
-        key: value
-        for key, value in checkpoints["inputs"][name].items()
-        if key not in ("input_ids", "attention_mask", "mm_token_type_ids")
-    }
-    with torch.no_grad():
-        image = model.model.encode_images(**pixels)
-    (features,), (windows,) = image.remember_features, image.window_index
-    assert len(windows) == len(image.pooler_output[0])
-    assert torch.equal(windows, torch.arange(len(features)).expand(len(windows), -1))
+    inputs = checkpoints["inputs"][name]
+    contexts = []
+    prepare = model.model.vision_remember.prepare
+    model.model.vision_remember.prepare = lambda *args, **kwargs: (
+        contexts.append(prepare(*args, **kwargs)) or contexts[-1]
+    )
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        del model.model.vision_remember.prepare
+    (context,) = contexts
+    image_tokens = int((inputs["input_ids"] == config.image_token_id).sum())
+    assert context.tokens_per_image == [image_tokens] and context.window_features is None
+    assert (
+        context.features_per_image
+        == [len(context.image_features)]
+        == [image_tokens * (16 if name == "minicpmv4_6" else 4)]
+    )
 
 
 @pytest.mark.parametrize("name", ["qwen2_5_vl", "minicpmv4_6"])
@@ -305,18 +315,19 @@ def test_beam_search_keeps_each_sample_with_its_own_image(checkpoints):
     assert torch.equal(beams[:, prompt_length], logits.topk(3).indices.flatten())
 
 
-def test_image_outputs_pack_and_regroup_per_image():
-    """Per-image features and windows (as `get_image_features` returns them) pack into one table with shifted rows."""
+def test_image_outputs_regroup_per_image_and_windows_concatenate():
+    """Per-image features and windows (as `get_image_features` returns them) follow their images when generation
+    regroups them, and concatenate into one table with shifted rows."""
     features = (torch.zeros(4, 2), torch.ones(3, 2))
     windows = (torch.tensor([[0, 1], [2, 3]]), torch.tensor([[0, 1, 2]]))
     pooled = [torch.zeros(2), torch.zeros(1)]
     image = RememberImageOutputs(pooler_output=pooled, remember_features=features, window_index=windows)
-    packed_features, packed_windows = image.packed()
-    assert torch.equal(packed_features, torch.cat(features))
-    assert torch.equal(packed_windows, torch.tensor([[0, 1, -1], [2, 3, -1], [4, 5, 6]]))
+    assert torch.equal(concat_windows(list(windows), [4, 3]), torch.tensor([[0, 1, -1], [2, 3, -1], [4, 5, 6]]))
     image.select_images([1, 0, 1])
     assert [len(tokens) for tokens in image.pooler_output] == [1, 2, 1]
-    assert torch.equal(image.packed()[1], torch.tensor([[0, 1, 2], [3, 4, -1], [5, 6, -1], [7, 8, 9]]))
+    counts = [len(rows) for rows in image.remember_features]
+    expected = torch.tensor([[0, 1, 2], [3, 4, -1], [5, 6, -1], [7, 8, 9]])
+    assert torch.equal(concat_windows(list(image.window_index), counts), expected)
 
 
 def test_bad_input_raises_and_writes_nothing(checkpoints, tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from vr_hf.modeling import VisionRememberModel
 from vr_hf.modeling.image_layout import ImageLayout
+from vr_hf.modeling.vision_remember import concat_windows
 from vr_hf.tiny import tiny_config
 
 
@@ -86,10 +87,11 @@ def run_and_capture(model: VisionRememberModel, image_sizes: list) -> dict:
     captured = {}
     prepare = model.vision_remember.prepare
 
-    def capture_prepare(layout, features, window_index):
-        captured.update(features=features, token_batch=layout.token_batch, token_position=layout.token_position)
-        captured["window_index"] = window_index
-        captured["context"] = prepare(layout, features, window_index)
+    def capture_prepare(layout, features, windows):
+        captured.update(token_batch=layout.token_batch, token_position=layout.token_position)
+        captured["features"] = torch.cat(features)
+        captured["window_index"] = concat_windows(windows, [len(image) for image in features])
+        captured["context"] = prepare(layout, features, windows)
         return captured["context"]
 
     def capture_embeds(module, args, kwargs):
@@ -116,11 +118,14 @@ def run_and_capture(model: VisionRememberModel, image_sizes: list) -> dict:
 
 def check_prepared_windows(model: VisionRememberModel, captured: dict):
     """The context the blocks read holds, for every token with a window, exactly the normalised features its window
-    names, and only those attend."""
+    names, and only those attend (for `global` interaction: every normalised feature of its image)."""
     context, windows = captured["context"], captured["window_index"]
     normalized = model.vision_remember.normalize_features(captured["features"])
     windowed = (windows >= 0).any(dim=1)
     assert torch.equal(context.windowed, windowed)
+    if model.config.interaction == "global":
+        torch.testing.assert_close(context.image_features, normalized)
+        return
     torch.testing.assert_close(context.window_features[windowed], normalized[windows[windowed].clamp(min=0)])
     assert torch.equal(context.window_mask[windowed], windows[windowed] >= 0)
 
@@ -246,27 +251,22 @@ def test_anyres_windows_for_a_batch_of_mixed_images():
     ]
 
 
-def test_global_windows_hold_exactly_their_own_image():
+def test_global_interaction_gives_each_token_exactly_its_own_image():
+    """Each token of an image attends to every feature of that image (shared keys, in image order), and to no other
+    image's; its local window is still the one it was pooled from."""
     model = position_coded_model(downsample_factor=3, interaction="global")
     sizes = [(72, 72), (20, 72)]  # 5 views and 3 views
     captured = run_and_capture(model, sizes)
-    config, features = model.config, captured["features"]
+    config, context, features = model.config, captured["context"], captured["features"]
     views_per_image = [5, 3]
-    assert captured["window_index"].shape[1] == max(views_per_image) * GRID * GRID
-
-    every_patch = [
-        {(image * VIEWS_PER_ID + view, y, x) for view in range(count) for y in range(GRID) for x in range(GRID)}
-        for image, count in enumerate(views_per_image)
-    ]
-    newlines = [0, 0]
-    for sample, window, token in zip(captured["token_batch"].tolist(), captured["window_index"], captured["tokens"]):
-        if window[0] < 0:
-            assert torch.all(window == -1)
-            torch.testing.assert_close(token, model.image_newline)
-            newlines[sample] += 1
-            continue
-        patches = decode_window(config, features, window)
-        assert len(patches) == len(set(patches)) == views_per_image[sample] * GRID * GRID
-        assert set(patches) == every_patch[sample]
-        assert int((window >= 0).sum()) == len(patches)  # only the padding past the image's own features is -1
-    assert newlines == [8, 2]
+    assert context.features_per_image == [views * GRID * GRID for views in views_per_image]
+    tokens = [model.image_layout.num_tokens(size) for size in sizes]
+    assert context.tokens_per_image == tokens
+    start = 0
+    for image, count in enumerate(context.features_per_image):
+        patches = decode_window(config, features, torch.arange(start, start + count))
+        views = [image * VIEWS_PER_ID + view for view in range(views_per_image[image])]
+        every_patch = {(view, y, x) for view in views for y in range(GRID) for x in range(GRID)}
+        assert len(patches) == len(set(patches)) and set(patches) == every_patch
+        start += count
+    assert check_windows(model, captured)[1] == base_view(4) + tile_grid(4, 2, range(1, 3), range(8))
