@@ -32,7 +32,16 @@ import torch
 from tqdm import tqdm
 
 from vr_hf import VisionRememberConfig, VisionRememberForConditionalGeneration
-from vr_hf.modeling.vision_remember import AttentionSettings, attend_windows, flash_problems
+from vr_hf.modeling.image_layout import ImageLayout, image_windows
+from vr_hf.modeling.vision_remember import (
+    AttentionSettings,
+    TokenLayout,
+    VisionRemember,
+    attend_images,
+    attend_windows,
+    flash_problems,
+    uses_torch_varlen,
+)
 
 
 RATIOS = [1, 2, 3, 4]  # downsample factors: 1/1 (uncompressed), 1/4, 1/9, 1/16
@@ -229,35 +238,93 @@ def bandwidth_gb_s(setup: Setup) -> float:
     return 2 * source.numel() / seconds / 1e9
 
 
-def window_paths(config: VisionRememberConfig, device, dtype) -> dict[str, str]:
-    """The windowed-attention paths to time: name to `attn_implementation`, FlashAttention where it can run."""
+def cross_attention_paths(config: VisionRememberConfig, device, dtype) -> dict[str, str]:
+    """The cross-attention paths to time: name to `attn_implementation`, FlashAttention's varlen kernels (the
+    flash-attn package's, or torch's own without it) where they can run."""
     paths = {"reference (eager)": "eager", "sdpa": "sdpa"}
     settings = AttentionSettings(config, config.remember_feature_size // config.cross_attention_heads)
+    settings.config._attn_implementation = "flash_attention_2"
     if not flash_problems(settings, torch.empty(0, device=device, dtype=dtype)):
-        paths["flash varlen"] = "flash_attention_2"
+        kernels = "torch" if uses_torch_varlen("flash_attention_2") else "flash-attn"
+        paths[f"flash varlen ({kernels})"] = "flash_attention_2"
     return paths
 
 
-def measure_window_attention(setup: Setup, downsample_factor: int, bandwidth: float) -> dict:
-    """Each windowed cross-attention path on one image's windows, against the reference and the bandwidth floor."""
+def measure_cross_attention(setup: Setup, downsample_factor: int, bandwidth: float) -> dict:
+    """Each token-feature cross-attention path on one AnyRes image (5 views): every token over its local window, and
+    over the whole image (`global`: the image's features shared as keys), against the reference and the bandwidth
+    floor (every feature and query read once, every output written once)."""
     config = VisionRememberConfig(**setup.config, downsample_factor=downsample_factor)
     heads = config.cross_attention_heads
     head_dim = config.remember_feature_size // heads
-    tokens = 5 * config.tokens_per_side**2
-    window = downsample_factor**2
+    tokens, features = 5 * config.tokens_per_side**2, 5 * config.grid_size**2
     generator = torch.Generator().manual_seed(0)
-    query = torch.randn(tokens, heads, head_dim, generator=generator).to(setup.device, setup.dtype)
-    keys = torch.randn(tokens, window, heads, head_dim, generator=generator).to(setup.device, setup.dtype)
-    # Bytes that must move at least once: every window feature and query read, every output written.
-    floor = (keys.numel() + 2 * query.numel()) * keys.element_size() / (bandwidth * 1e9)
+
+    def random(*shape):
+        return torch.randn(*shape, generator=generator).to(setup.device, setup.dtype)
+
+    query = random(tokens, heads, head_dim)
+    inputs = {
+        "local": (random(tokens, downsample_factor**2, heads, head_dim),),
+        "global": (random(features, heads, head_dim), [tokens], [features]),
+    }
+    attention = {"local": attend_windows, "global": attend_images}
     results = {}
-    for name, implementation in window_paths(config, setup.device, setup.dtype).items():
-        config._attn_implementation = implementation
-        settings = AttentionSettings(config, head_dim)
-        with torch.inference_mode():
-            seconds = median_seconds(lambda: attend_windows(settings, query, keys), setup, warmup=3)
-        results[name] = dict(ms=seconds * 1e3, floor_ms=floor * 1e3, tokens=tokens, window=window)
+    for interaction, keys in inputs.items():
+        floor = (keys[0].numel() + 2 * query.numel()) * query.element_size() / (bandwidth * 1e9)
+        results[interaction] = {}
+        for name, implementation in cross_attention_paths(config, setup.device, setup.dtype).items():
+            config._attn_implementation = implementation
+            settings = AttentionSettings(config, head_dim)
+            with torch.inference_mode():
+
+                def run():
+                    return attention[interaction](settings, query, *keys)
+
+                seconds = median_seconds(run, setup, warmup=3)
+                memory = peak_memory_mb(settings, run, setup.device)
+            results[interaction][name] = dict(
+                ms=seconds * 1e3, floor_ms=floor * 1e3, peak_memory_mb=memory, tokens=tokens, keys=keys[0].shape[-3]
+            )
     return results
+
+
+def measure_block_graph(setup: Setup, downsample_factor: int) -> dict:
+    """One Vision Remember block (context preparation included) launched op by op, and replayed as one CUDA graph:
+    the block waits on the device nowhere, so it can be captured, and the replay saves the launches."""
+    config = VisionRememberConfig(**setup.config, downsample_factor=downsample_factor, identity_init=False)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    module = VisionRemember(config).to(setup.device, setup.dtype).eval()
+    layout = ImageLayout.from_config(config)
+    size = (setup.image_size, setup.image_size)
+    windows = image_windows(config, [size], setup.device)
+    features = [torch.randn(layout.num_views(size) * config.grid_size**2, config.remember_feature_size)]
+    features = [image.to(setup.device, setup.dtype) for image in features]
+    length = PROMPT_TEXT + len(windows[0])
+    placeholders = torch.zeros(1, length, dtype=torch.bool)
+    placeholders[0, 8 : 8 + len(windows[0])] = True
+    guidance = (~placeholders).to(setup.device)
+    token_layout = TokenLayout.from_placeholders(placeholders, guidance, setup.device)
+    hidden_states = torch.randn(1, length, config.text_config.hidden_size).to(setup.device, setup.dtype)
+    block = module.layers[str(config.remember_after_layers[0])]
+
+    def step():
+        return block(hidden_states, module.prepare(token_layout, features, windows))
+
+    with torch.inference_mode():
+        eager = median_seconds(step, setup, warmup=3)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        replay = median_seconds(graph.replay, setup, warmup=3)
+    return dict(eager_ms=eager * 1e3, graph_ms=replay * 1e3, tokens=len(windows[0]))
 
 
 def ratio_label(downsample_factor: int) -> str:
@@ -273,13 +340,15 @@ def run(setup: Setup, attn: str, training: bool, warmup: int = 2) -> dict:
     for repeat in tqdm(range(warmup + setup.repeats), desc="models, interleaved"):
         for runner in runners.values():
             runner.measure(record=repeat >= warmup)
-    results = {"models": {label: runner.results() for label, runner in runners.items()}, "window_attention": {}}
+    results = {"models": {label: runner.results() for label, runner in runners.items()}, "cross_attention": {}}
     del runners
     gc.collect()
     bandwidth = bandwidth_gb_s(setup)
     results["bandwidth_gb_s"] = bandwidth
-    for factor in tqdm(RATIOS[1:], desc="windowed attention"):
-        results["window_attention"][ratio_label(factor)] = measure_window_attention(setup, factor, bandwidth)
+    for factor in tqdm(RATIOS[1:], desc="cross-attention paths"):
+        results["cross_attention"][ratio_label(factor)] = measure_cross_attention(setup, factor, bandwidth)
+    if setup.device.type == "cuda":
+        results["block_graph"] = {ratio_label(factor): measure_block_graph(setup, factor) for factor in RATIOS[1:]}
     return results
 
 
@@ -309,16 +378,24 @@ def ratio_table(results: dict) -> str:
         )
     lines += [
         "",
-        "| windowed attention | path | ms | reference / path | path / bandwidth floor |",
-        "| --- | --- | --- | --- | --- |",
+        "| cross-attention | keys per token | path | ms | reference / path | path / bandwidth floor | peak MB |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for label, paths in results["window_attention"].items():
-        reference = paths["reference (eager)"]["ms"]
-        for name, numbers in paths.items():
-            shape, ms = f"{numbers['tokens']} tokens x {numbers['window']} features", numbers["ms"]
-            lines.append(
-                f"| {label} ({shape}) | {name} | {ms:.3f} | {reference / ms:.2f} | {ms / numbers['floor_ms']:.1f} |"
-            )
+    for label, interactions in results["cross_attention"].items():
+        for interaction, paths in interactions.items():
+            reference = paths["reference (eager)"]["ms"]
+            for name, numbers in paths.items():
+                ms = numbers["ms"]
+                lines.append(
+                    f"| {label} {interaction} ({numbers['tokens']} tokens) | {numbers['keys']} | {name} | {ms:.3f} "
+                    f"| {reference / ms:.2f} | {ms / numbers['floor_ms']:.1f} | {numbers['peak_memory_mb']:.1f} |"
+                )
+    if "block_graph" in results:
+        lines += ["", "| one block, context included | tokens | launched ms | CUDA graph ms | saved |"]
+        lines.append("| --- | --- | --- | --- | --- |")
+        for label, numbers in results["block_graph"].items():
+            eager, graph = numbers["eager_ms"], numbers["graph_ms"]
+            lines.append(f"| {label} | {numbers['tokens']} | {eager:.3f} | {graph:.3f} | {1 - graph / eager:.0%} |")
     return "\n".join(lines)
 
 

@@ -129,8 +129,8 @@ def attend_packed(module: nn.Module, query, key, value, query_lengths, key_lengt
     `(total_k, heads, head_dim)`. Returns `(total_q, heads, head_dim)`. The flash-attn package's kernels through
     Transformers' attention interface where installed, else torch's own."""
     starts = sequence_starts(query_lengths), sequence_starts(key_lengths)
-    if uses_torch_varlen(module.config._attn_implementation):
-        return varlen_attn(query, key, value, *starts, max_query, max_key, scale=module.scaling)
+    if uses_torch_varlen(module.config._attn_implementation):  # its default scale, head_dim**-0.5, is the blocks'
+        return varlen_attn(query, key, value, *starts, max_query, max_key)
     query, key, value = (tensor[None].transpose(1, 2) for tensor in (query, key, value))
     output = attend(
         module,

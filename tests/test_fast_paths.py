@@ -18,6 +18,8 @@ from vr_hf.modeling.vision_remember import (
 )
 from vr_hf.tiny import tiny_config
 
+from conftest import active_model
+
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 MISSING_FOR_FLASH = [
@@ -48,8 +50,10 @@ def varlen_stand_in(module, query, key, value, attention_mask, scaling, cu_seq_l
     return output.transpose(1, 2), None
 
 
-def torch_varlen_stand_in(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale):
-    """`torch.nn.attention.varlen.varlen_attn` on any device: `(total, heads, head_dim)` in and out."""
+def torch_varlen_stand_in(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k):
+    """`torch.nn.attention.varlen.varlen_attn` on any device: `(total, heads, head_dim)` in and out, scaled by
+    `head_dim**-0.5`."""
+    scale = query.shape[-1] ** -0.5
     query, key, value = (tensor[None].transpose(1, 2) for tensor in (query, key, value))
     return varlen_stand_in(None, query, key, value, None, scale, cu_seq_q, cu_seq_k)[0][0]
 
@@ -207,3 +211,42 @@ def test_flash_attention_equals_reference_on_gpu(downsample_factor, interaction)
         expected = reference.layers["0"](hidden_states, reference.prepare(*inputs))
         output = fast.layers["0"](hidden_states, fast.prepare(*inputs))
     torch.testing.assert_close(output, expected, **TOLERANCES[torch.bfloat16])
+
+
+@CUDA
+@pytest.mark.parametrize("interaction", ["local", "global", "deformable"])
+def test_prepare_and_blocks_never_wait_on_the_device(interaction):
+    """Everything the blocks do after the layout is read is queued on the device without waiting for it: CUDA graphs
+    and compiled graphs can capture it, and the host keeps launching while the device works."""
+    downsample_factor = 5 if interaction == "deformable" else 3
+    module = blocks(downsample_factor, interaction, "sdpa", torch.bfloat16).cuda()
+    inputs, hidden_states = context_inputs(module, torch.bfloat16, "cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            module.layers["0"](hidden_states, module.prepare(*inputs))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_whole_model_attention_implementations_agree(device):
+    """The tiny model's logits in bf16 with Vision Remember on SDPA and, on a GPU, on FlashAttention (its package or
+    torch's varlen kernels), against eager; the decoder and the tower keep their own implementation."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = active_model(interaction="global", image_grid_pinpoints=None).to(device, dtype)
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.full((1, 40), 5)
+    input_ids[0, 4:20] = model.config.image_token_id
+    inputs = dict(input_ids=input_ids.to(device), pixel_values=torch.randn(1, 3, 36, 36, generator=generator))
+    inputs["pixel_values"] = inputs["pixel_values"].to(device, dtype)
+    flash = ["flash_attention_2"] if device == "cuda" and not MISSING_FOR_FLASH else []
+    logits = {}
+    for implementation in ["eager", "sdpa", *flash]:
+        model.config._attn_implementation = implementation  # the Vision Remember blocks' (the model's own)
+        with torch.no_grad():
+            logits[implementation] = model(**inputs).logits.float()
+    assert set(logits) == {"eager", "sdpa", *flash}
+    for implementation, values in logits.items():
+        torch.testing.assert_close(values, logits["eager"], **TOLERANCES[dtype], msg=implementation)
