@@ -315,3 +315,20 @@ def test_a_training_batch_without_images_touches_every_parameter(family):
     without = [name for name, parameter in model.named_parameters() if parameter.grad is None]
     model.zero_grad(set_to_none=True)
     assert not without, f"no gradient reached {without}"
+
+
+@pytest.mark.parametrize("name", ["llava_vr", "qwen2_5_vl"])
+def test_the_decoder_with_vision_remember_compiles_as_one_graph(name, graft_folders):
+    """The prefill's decoder, the Vision Remember blocks in its hooks included, compiled with `fullgraph=True` (any
+    graph break fails): nothing in the blocks waits on the device, so they capture; its logits are the eager ones."""
+    family = llava_family() if name == "llava_vr" else graft_family(name, graft_folders[name])
+    inputs = family.two_images()
+    with torch.no_grad():
+        expected = family.model(**inputs).logits
+        decoder = family.model.model.language_model
+        decoder.compile(fullgraph=True, backend="eager")
+        try:
+            compiled = family.model(**inputs).logits
+        finally:
+            decoder._compiled_call_impl = None  # back to eager
+    torch.testing.assert_close(compiled, expected)
