@@ -9,7 +9,7 @@ from vr_hf.conversion.cli import graft_command
 
 EPILOG = """example:
   python conversion/graft_qwen2_5_vl.py --source Qwen/Qwen2.5-VL-3B-Instruct --output-dir qwen2.5-vl-3b-vr \\
-      --remember-after-layers 0 3 --vision-feature-layers 8 16 24 32
+      --remember-after-layers 0 3 --vision-feature-layers 7 15 23 31
 
   The output loads with AutoModelForImageTextToText.from_pretrained(OUTPUT_DIR, trust_remote_code=True) and
   AutoProcessor.from_pretrained(OUTPUT_DIR); its logits equal the source's until it is trained.

@@ -114,10 +114,9 @@ class VisionRememberConfig(VisionRememberSettings):
                 "AutoModelForImageTextToText": "modeling_vision_remember.VisionRememberForConditionalGeneration",
             }
 
-    def default_vision_feature_layers(self) -> list[int]:
-        """The paper's `[7, 15, 23]` of a 24-layer tower, scaled to the tower's depth: the ends of its thirds."""
-        depth = self.vision_config.num_hidden_layers
-        return sorted({max(0, depth * part // 3 - 1) for part in (1, 2, 3)})
+    @property
+    def max_vision_feature_layer(self) -> int:
+        return self.vision_config.num_hidden_layers
 
     @property
     def has_vision_remember(self) -> bool:

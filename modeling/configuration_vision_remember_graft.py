@@ -16,8 +16,8 @@ class VisionRememberGraftConfig(VisionRememberSettings):
     meaning, and the fields of [`VisionRememberSettings`] are added.
 
     `vision_feature_layers` index the vision encoder's hidden states as `output_hidden_states` counts them: 0 is the
-    patch embeddings, `i` the output of encoder layer `i - 1`. Only full-resolution states can be used (see
-    `max_vision_feature_layer`); the default is the ends of the thirds of the full-resolution encoder layers.
+    patch embeddings, `i` the output of encoder layer `i` (counting from 1). Only full-resolution states can be used
+    (see `max_vision_feature_layer`); the default is the paper's rule scaled to them, as for LLaVA-VR.
     """
 
     backbone_model_type = None  # the `model_type` of the native config this one extends
@@ -40,10 +40,6 @@ class VisionRememberGraftConfig(VisionRememberSettings):
         native = {field.name for field in fields(PreTrainedConfig)}
         return [field.name for field in fields(VisionRememberSettings) if field.name not in native]
 
-    def default_vision_feature_layers(self) -> list[int]:
-        full = self.max_vision_feature_layer
-        return sorted({max(1, full * part // 3) for part in (1, 2, 3)})
-
     @property
     def max_vision_feature_layer(self) -> int:
         """The last vision hidden state at full patch resolution."""
@@ -56,7 +52,7 @@ class VisionRememberGraftConfig(VisionRememberSettings):
             if not 0 <= index <= last:
                 raise ValueError(
                     f"vision_feature_layers has index {index}: use hidden-state indices in [0, {last}] (0 is the "
-                    "patch embeddings, i the output of encoder layer i - 1; later ones are not at full patch "
+                    "patch embeddings, i the output of the i-th encoder layer; later ones are not at full patch "
                     "resolution)."
                 )
 

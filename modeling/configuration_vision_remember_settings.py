@@ -20,7 +20,9 @@ class VisionRememberSettings(PreTrainedConfig):
         remember_after_layers (`list[int]`, *optional*, defaults to `[0, 3]`):
             Decoder layers after which the vision tokens are rewritten.
         vision_feature_layers (`list[int]`, *optional*):
-            Vision hidden states concatenated into the multi-level features; the default depends on the model.
+            Vision hidden states (0 is the patch embeddings, `i` the output of encoder layer `i`) concatenated into
+            the multi-level features. Defaults to the paper's `[7, 15, 23]` of 24 layers, scaled to the encoder's
+            depth.
         multi_level (`bool`, *optional*, defaults to `True`):
             Use all of `vision_feature_layers`; `False` keeps only the last of them.
         interaction (`str`, *optional*, defaults to `"local"`):
@@ -77,6 +79,14 @@ class VisionRememberSettings(PreTrainedConfig):
             self.cross_attention_heads = next(fitting, 8)
 
     def default_vision_feature_layers(self) -> list[int]:
+        """The paper's `[7, 15, 23]` of a 24-layer SigLIP (its "layers 8, 16 and 24", counting the hidden states from
+        1), scaled to the encoder's depth: the ends of its thirds."""
+        depth = self.max_vision_feature_layer
+        return sorted({max(0, depth * part // 3 - 1) for part in (1, 2, 3)})
+
+    @property
+    def max_vision_feature_layer(self) -> int:
+        """The last vision hidden state the multi-level features can read."""
         raise NotImplementedError
 
     @property

@@ -161,6 +161,19 @@ def test_llava_json_raise_names_the_row(tmp_path, bad_id, reason):
         load_llava_json(path, folder, on_error="ignore")
 
 
+def test_llava_json_images_are_read_beside_it_and_a_wrong_folder_is_refused(tmp_path):
+    path, folder = write_llava(tmp_path)
+    beside = folder / "data.json"  # the images' own folder: found without image_folder
+    beside.write_text(path.read_text())
+    _, report = load_llava_json(beside)
+    assert report.rows_kept == 3 and report.text_only_rows == 1
+    with pytest.raises(ValueError, match="None of the 4 rows with images .* read relative to .*Is that where"):
+        load_llava_json(path)  # the images are not beside this one: only the text-only row would be left
+    path.write_text(json.dumps([{"id": "q", "conversations": [{"from": "human", "value": "Hi"}]}]))
+    with pytest.raises(ValueError, match="No row of .* can be trained on"):
+        load_llava_json(path)
+
+
 # ---------------------------------------------------------------------------------------------- TRL SFTTrainer
 
 

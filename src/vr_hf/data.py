@@ -197,7 +197,7 @@ def load_llava_json(json_path, image_folder=None, on_error: str = "skip", keep_i
 
     Args:
         json_path: The JSON file: a list of `{"id", "image", "conversations"}` rows.
-        image_folder: Folder the rows' `image` paths are relative to (defaults to the working directory).
+        image_folder: Folder the rows' `image` paths are relative to (defaults to the JSON file's folder).
         on_error (`"skip"` or `"raise"`): Leave bad rows out (and report them), or raise a `ValueError` naming the
             first bad row.
         keep_ids (`bool`): Keep an `id` column (TRL ignores extra columns).
@@ -205,10 +205,24 @@ def load_llava_json(json_path, image_folder=None, on_error: str = "skip", keep_i
     Returns:
         `(dataset, report)`: the `datasets.Dataset`, whose `images` column decodes to `PIL.Image`s lazily, and a
         `LoadReport` with the counts and the id and reason of every row left out.
+
+    Raises:
+        ValueError: where no row is left, or rows have images and none of them could be read (a wrong image folder,
+            most likely): training on what is left would not be what was asked for.
     """
     import datasets
 
-    rows, report = convert_llava_rows(read_rows(json_path), image_folder, on_error)
+    folder = Path(os.fspath(json_path)).parent if image_folder is None else Path(os.fspath(image_folder))
+    rows, report = convert_llava_rows(read_rows(json_path), folder, on_error)
+    unreadable = report.counts["missing_image"] + report.counts["unreadable_image"]
+    if report.rows_kept == report.text_only_rows and unreadable:
+        raise ValueError(
+            f"{report}\nNone of the {unreadable} rows with images in {json_path} could be used: their image paths are "
+            f"read relative to {str(folder)!r} (image_folder, by default the JSON file's folder). Is that where the "
+            "images are?"
+        )
+    if not rows:
+        raise ValueError(f"{report}\nNo row of {json_path} can be trained on.")
     content = datasets.List({"type": datasets.Value("string"), "text": datasets.Value("string")})
     features = {
         "images": datasets.List(datasets.Image()),

@@ -52,7 +52,10 @@ class RecipeArguments:
     tiny: bool = field(
         default=False, metadata={"help": "Train a tiny random model instead, to try a recipe on a CPU in seconds."}
     )
-    image_folder: str | None = field(default=None, metadata={"help": "Folder the LLaVA rows' image paths are in."})
+    image_folder: str | None = field(
+        default=None,
+        metadata={"help": "Folder the LLaVA rows' image paths are relative to (default: the JSON file's folder)."},
+    )
     train_split: str = field(default="train", metadata={"help": "Split of a saved DatasetDict or Hub dataset."})
     eval_data: str | None = field(
         default=None,
@@ -228,7 +231,7 @@ def load_training_data(source, image_folder=None, split: str = "train", on_error
     Args:
         source: A LLaVA `.json`/`.jsonl` file (converted by `vr_hf.data.load_llava_json`, bad rows reported and
             skipped), a folder written by `Dataset.save_to_disk`, or a name for `datasets.load_dataset`.
-        image_folder: Folder the LLaVA rows' image paths are relative to.
+        image_folder: Folder the LLaVA rows' image paths are relative to (default: the JSON file's folder).
         split: The split to load from a saved `DatasetDict` or the Hub.
         on_error: For LLaVA JSON: `"skip"` bad rows (printing the report) or `"raise"` on the first one.
     """

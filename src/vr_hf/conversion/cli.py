@@ -24,10 +24,15 @@ def add_vision_remember_arguments(parser: argparse.ArgumentParser):
         type=int,
         nargs="+",
         metavar="LAYER",
-        help="vision hidden states (0 = patch embeddings) of the multi-level features (default: ends of thirds)",
+        help="vision hidden states (0 = patch embeddings) of the multi-level features (default: the paper's [7, 15, "
+        "23] of 24 layers, scaled to the encoder's depth)",
     )
     parser.add_argument("--interaction", choices=INTERACTION_TYPES, help="default: local")
-    parser.add_argument("--cross-attention-heads", type=int, help="default 8; must divide the feature width")
+    parser.add_argument(
+        "--cross-attention-heads",
+        type=int,
+        help="must divide the feature width (default: the fewest heads, at least 8, with head_dim <= 256)",
+    )
     for switch in SWITCHES:
         parser.add_argument(f"--no-{switch.replace('_', '-')}", action="store_true", help=f"turn {switch} off")
 
