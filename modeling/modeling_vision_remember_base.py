@@ -204,6 +204,14 @@ def capture_hidden_states(layers: nn.ModuleList, indices: list[int]):
 class VisionRememberPreTrainedMixin:
     """Initialises the Vision Remember weights; goes first in the bases of both the model and its head."""
 
+    def post_init(self):
+        """Also keep, of the no-split module classes the sub-models declare, those this model has (SigLIP declares
+        its text embeddings too): what shards or places the model by class, FSDP's auto-wrap policy or a device map,
+        then finds every class it is given."""
+        super().post_init()
+        present = {type(module).__name__ for module in self.modules()}
+        self._no_split_modules = {name for name in self._no_split_modules if name in present}
+
     @classmethod
     def is_custom_code(cls) -> bool:
         """Transformers initialises custom code conservatively: it skips every module without parameters of its own,

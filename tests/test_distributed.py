@@ -15,10 +15,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
+from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 from safetensors.torch import load_file
 from test_resume import EXAMPLES, recipe_argv, write_rows
+from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
+from vr_hf import VisionRememberForConditionalGeneration
 from vr_hf.recipes import check_engine
+from vr_hf.tiny import tiny_config
+
+from tiny_grafts import GRAFTED_CLASS, SETTINGS, native_configs
 
 
 LAUNCH_ON_CPU = Path(__file__).resolve().parent / "launch_on_cpu.py"
@@ -101,6 +108,30 @@ def test_deepspeed_run_shards_and_saves_the_whole_model(tmp_path, engine, stage)
         name.removeprefix("model.").split(".")[0] for name in final if not torch.equal(final[name], after_step_1[name])
     }
     assert changed - {"lm_head"} == {"multi_modal_projector", "image_newline", "vision_remember", "language_model"}
+
+
+LAYER_CLASSES = {  # what FSDP2 must shard, at least: each family's decoder layers and vision encoder layers
+    "llava_vr": {"Qwen2DecoderLayer", "SiglipEncoderLayer"},
+    "qwen2_5_vl": {"Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"},
+    "minicpmv4_6": {"Qwen3_5DecoderLayer", "MiniCPMV4_6VisionEncoderLayer"},
+}
+
+
+@pytest.mark.parametrize("family", sorted(LAYER_CLASSES))
+def test_the_fsdp2_config_shards_every_family_by_its_own_layers(family):
+    """The config names no layer classes: accelerate takes the model's `_no_split_modules`, which hold exactly the
+    classes the model has (SigLIP also declares its text embeddings, which a vision tower lacks)."""
+    config = yaml.safe_load((EXAMPLES / "accelerate" / "fsdp2.yaml").read_text())
+    assert "fsdp_transformer_layer_cls_to_wrap" not in config["fsdp_config"]
+    if family == "llava_vr":
+        model = VisionRememberForConditionalGeneration(tiny_config())
+    else:
+        native = native_configs()[family].to_dict()
+        native = {key: value for key, value in native.items() if key not in ("model_type", "architectures")}
+        model = GRAFTED_CLASS[family](GRAFTED_CLASS[family].config_class(**native, **SETTINGS))
+    plugin = SimpleNamespace(auto_wrap_policy=transformer_auto_wrap_policy, transformer_cls_names_to_wrap=None)
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    assert LAYER_CLASSES[family] <= {type(module).__name__ for module in model.modules() if policy(module)}
 
 
 @pytest.mark.parametrize("engine", ["ddp", "zero3"])

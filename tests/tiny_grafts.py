@@ -33,9 +33,8 @@ ANSWER = [5, 6, 7]
 GENERATION_PROMPT = list(byte_generation_prompt_ids())  # the sources' ChatML `<|im_start|>assistant\n`
 
 
-def tiny_sources(root) -> dict:
-    """Tiny random native checkpoints, saved as `save_pretrained` writes them, with a ChatML tokenizer."""
-    torch.manual_seed(0)
+def native_configs() -> dict:
+    """Tiny native Qwen2.5-VL and MiniCPM-V 4.6 configs."""
     qwen = Qwen2_5_VLConfig(
         text_config=dict(
             TEXT, num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3]}
@@ -73,10 +72,17 @@ def tiny_sources(root) -> dict:
         image_token_id=IMAGE,
         video_token_id=VIDEO,
     )
+    return {"qwen2_5_vl": qwen, "minicpmv4_6": minicpm}
+
+
+def tiny_sources(root) -> dict:
+    """Tiny random native checkpoints, saved as `save_pretrained` writes them, with a ChatML tokenizer."""
+    torch.manual_seed(0)
+    configs = native_configs()
     folders = {}
     for name, model in (
-        ("qwen2_5_vl", Qwen2_5_VLForConditionalGeneration(qwen)),
-        ("minicpmv4_6", MiniCPMV4_6ForConditionalGeneration(minicpm)),
+        ("qwen2_5_vl", Qwen2_5_VLForConditionalGeneration(configs["qwen2_5_vl"])),
+        ("minicpmv4_6", MiniCPMV4_6ForConditionalGeneration(configs["minicpmv4_6"])),
     ):
         folders[name] = root / name
         model.save_pretrained(folders[name])
