@@ -98,7 +98,19 @@ class EfficientLlavaModel(VisionRememberPreTrainedModel):
             )
         if image_sizes is None:
             return [None] * len(pixel_values)
-        return image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else [list(size) for size in image_sizes]
+        sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else [list(size) for size in image_sizes]
+        views = [self.image_layout.num_views(size) for size in sizes]
+        if pixel_values.dim() == 4:
+            fits = len(pixel_values) == sum(views)
+        else:
+            fits = len(pixel_values) == len(sizes) and pixel_values.shape[1] >= max(views)
+        if not fits:
+            raise ValueError(
+                f"pixel_values of shape {tuple(pixel_values.shape)} do not hold the views of the {len(sizes)} images "
+                f"of image_sizes, {views} views each (the base view and its AnyRes tiles): pass the pixel_values and "
+                "image_sizes the image processor returned together."
+            )
+        return sizes
 
     def image_token_counts(self, pixel_values: torch.Tensor, image_sizes=None, **kwargs) -> list[int]:
         return [self.image_layout.num_tokens(size) for size in self.image_sizes_list(pixel_values, image_sizes)]

@@ -83,10 +83,12 @@ def check_image_tokens(placeholders: torch.Tensor, tokens_per_image: list[int]):
     order."""
     per_sample = placeholders.sum(dim=1).tolist()
     if sum(per_sample) != sum(tokens_per_image):
+        truncated = " (or the text was truncated inside one: raise max_length)" if sum(per_sample) else ""
         raise ValueError(
             f"The text holds {sum(per_sample)} image tokens but the {len(tokens_per_image)} images need "
             f"{sum(tokens_per_image)} ({tokens_per_image} per image): build the inputs with the model's processor, "
-            "which writes one image token per vision token, and pass exactly one image per image placeholder."
+            f"which writes one image token per vision token, and pass exactly one image per image placeholder"
+            f"{truncated}."
         )
     boundaries = set(torch.tensor([0] + tokens_per_image).cumsum(0).tolist())
     seen = 0
@@ -277,10 +279,7 @@ class VisionRememberModelMixin(VisionRememberPreTrainedMixin):
         if pixel_values is not None and images is not None:
             raise ValueError("Pass either pixel_values or mm_encoder_outputs['image'], not both.")
         if pixel_values is not None and len(pixel_values) > 0 or images is not None:
-            placeholders = placeholder_mask(self, input_ids, inputs_embeds)
-            on_host = placeholders.cpu()  # the one read from the device: before any image is encoded
-            counts = self.image_token_counts(pixel_values, **kwargs) if images is None else images.token_counts()
-            check_image_tokens(on_host, counts)
+            placeholders, on_host = self.read_placeholders(input_ids, inputs_embeds, pixel_values, images, kwargs)
             layout = None
             if self.vision_remember is not None:
                 labels = labels if labels is not None else self.caller_labels
@@ -307,6 +306,15 @@ class VisionRememberModelMixin(VisionRememberPreTrainedMixin):
             mm_encoder_outputs=mm_encoder_outputs,
             **kwargs,
         )
+
+    def read_placeholders(self, input_ids, inputs_embeds, pixel_values, images, kwargs: dict) -> tuple:
+        """The `(batch, sequence)` image placeholders on the device and on the host (the one read from the device, so
+        that nothing after it waits on the device), checked against the images before any of them is encoded."""
+        placeholders = placeholder_mask(self, input_ids, inputs_embeds)
+        on_host = placeholders.cpu()
+        counts = self.image_token_counts(pixel_values, **kwargs) if images is None else images.token_counts()
+        check_image_tokens(on_host, counts)
+        return placeholders, on_host
 
     def run_stand_in_image(self, input_ids, inputs_embeds, kwargs: dict) -> torch.Tensor:
         """A training batch without images runs the vision path anyway, on a stand-in image and with zero weight, in
@@ -357,7 +365,11 @@ class VisionRememberForConditionalGenerationMixin(VisionRememberPreTrainedMixin)
         for setting, reason in REFUSED_WITH_IMAGES.items():
             if kwargs.get(setting) or getattr(generation_config, setting, None):
                 raise ValueError(f"Vision Remember cannot generate with {setting}: {reason}")
-        prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if pre_encoded is None:  # generation encodes the images before its first forward: check them before that
+            rest = {key: value for key, value in kwargs.items() if key not in ("input_ids", "inputs_embeds")}
+            self.model.read_placeholders(input_ids, kwargs.get("inputs_embeds"), rest.pop("pixel_values"), None, rest)
+        prompt = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if "prompt_mask" not in kwargs and prompt is not None:
             attention_mask = kwargs.get("attention_mask")
             kwargs["prompt_mask"] = (

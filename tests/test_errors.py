@@ -9,6 +9,13 @@ from vr_hf.tiny import tiny_config
 from conftest import build_model, conversation
 
 
+ENTRY_POINTS = ["forward", "generate"]  # generate encodes the images before its first forward: it must check first
+
+
+def run(model, entry_point: str, inputs: dict):
+    return model(**inputs) if entry_point == "forward" else model.generate(**inputs, max_new_tokens=1)
+
+
 @pytest.fixture
 def model(monkeypatch):
     model = build_model()
@@ -49,15 +56,26 @@ def test_invalid_config_is_refused_at_save_too(tmp_path):
         config.save_pretrained(tmp_path)
 
 
-def test_more_image_tokens_than_images(model, prompt_batch):
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+def test_more_image_tokens_than_images(model, prompt_batch, entry_point):
     batch = dict(
         prompt_batch, pixel_values=prompt_batch["pixel_values"][:1], image_sizes=prompt_batch["image_sizes"][:1]
     )
     with pytest.raises(ValueError, match="image tokens but the 1 images need"):
-        model(**batch)
+        run(model, entry_point, batch)
 
 
-def test_truncated_image_tokens(model, processor, images):
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+def test_an_image_cut_short_in_one_sample(model, processor, images, entry_point):
+    text = processor.apply_chat_template(conversation("Describe it."), add_generation_prompt=True)
+    batch = processor(images=images[:1], text=[text], return_tensors="pt")
+    cut = dict(batch, input_ids=batch["input_ids"][:, :20], attention_mask=batch["attention_mask"][:, :20])
+    with pytest.raises(ValueError, match="or the text was truncated inside one: raise max_length"):
+        run(model, entry_point, cut)
+
+
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+def test_truncated_image_tokens(model, processor, images, entry_point):
     text = processor.apply_chat_template(conversation("Describe it."), add_generation_prompt=True)
     two_images = text + text
     batch = processor(images=images, text=[two_images], return_tensors="pt")
@@ -71,7 +89,7 @@ def test_truncated_image_tokens(model, processor, images):
     split = dict(batch, input_ids=torch.cat([pad(first), pad(second)]))
     split.pop("attention_mask")
     with pytest.raises(ValueError, match="sample 0 ends in the middle of an image"):
-        model(**split)
+        run(model, entry_point, split)
 
 
 def test_image_tokens_without_pixel_values_are_plain_tokens(prompt_batch):
@@ -85,13 +103,27 @@ def test_image_tokens_without_pixel_values_are_plain_tokens(prompt_batch):
     torch.testing.assert_close(logits, model.lm_head(text_only))
 
 
-def test_anyres_without_image_sizes(model, prompt_batch):
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+def test_anyres_without_image_sizes(model, prompt_batch, entry_point):
     batch = {key: value for key, value in prompt_batch.items() if key != "image_sizes"}
     with pytest.raises(ValueError, match="pass image_sizes"):
-        model(**batch)
+        run(model, entry_point, batch)
 
 
-def test_pixel_values_of_the_wrong_rank(model, prompt_batch):
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+def test_pixel_values_of_the_wrong_rank(model, prompt_batch, entry_point):
     batch = dict(prompt_batch, pixel_values=prompt_batch["pixel_values"][0, 0, 0])
     with pytest.raises(ValueError, match="pixel_values has shape"):
-        model(**batch)
+        run(model, entry_point, batch)
+
+
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+def test_views_that_do_not_match_image_sizes(model, prompt_batch, entry_point):
+    """Flattened `(views, 3, H, W)` pixel values that lack some image's AnyRes tiles, and padded ones for fewer
+    images than `image_sizes` names."""
+    flattened = dict(prompt_batch, pixel_values=prompt_batch["pixel_values"][:, 0])  # base views only
+    with pytest.raises(ValueError, match="do not hold the views of the 2 images of image_sizes"):
+        run(model, entry_point, flattened)
+    one_image = dict(prompt_batch, pixel_values=prompt_batch["pixel_values"][:1])
+    with pytest.raises(ValueError, match="do not hold the views of the 2 images of image_sizes"):
+        run(model, entry_point, one_image)

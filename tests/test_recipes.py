@@ -9,7 +9,8 @@ import yaml
 from PIL import Image
 from test_resume import load_recipe, recipe_argv, write_rows
 
-from vr_hf.recipes import recipe_model_card
+from vr_hf.recipes import load_model_and_processor, recipe_model_card
+from vr_hf.tiny import byte_tokenizer
 
 from conftest import random_image
 
@@ -86,11 +87,15 @@ def test_every_sft_config_flag_works_and_overrides_the_defaults(instruction, tmp
         (["--model", "m", "--qlora", "--bf16", "false"], "--qlora trains in mixed precision"),
         (["--model", "m", "--qlora", "--merge"], "merge a QLoRA adapter into the full-precision model"),
         (["--tiny", "--merge"], "--merge merges LoRA adapters: add --lora"),
+        (["--tiny", "--resume_from_checkpoint", "latest"], "there is no checkpoint in"),
     ],
 )
-def test_mistakes_are_refused_before_anything_loads(instruction, argv, error):
-    with pytest.raises(ValueError, match=re.escape(error)):
-        instruction.parse_args(["--data", "rows.json", *argv])
+def test_mistakes_are_refused_before_anything_loads(instruction, argv, error, capsys, tmp_path):
+    """As command-line errors: usage and the message, no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        instruction.parse_args(["--data", "rows.json", "--output_dir", str(tmp_path / "out"), *argv])
+    assert exit_info.value.code == 2
+    assert error in capsys.readouterr().err
 
 
 def test_evaluation_on_held_out_rows(instruction, data, tmp_path):
@@ -172,3 +177,10 @@ def test_qlora_recipe_trains_on_the_cpu(instruction, data, tmp_path):
     assert any("lora_B" in name and p.abs().max() > 0 for name, p in trainer.model.named_parameters())
     assert (tmp_path / "qlora" / "adapter_model.safetensors").is_file()
     assert card_metadata((tmp_path / "qlora" / "README.md").read_text())["library_name"] == "peft"
+
+
+def test_a_checkpoint_whose_processor_cannot_read_images_is_refused_before_it_loads(tmp_path):
+    """As the stock processors of grafted checkpoints load without torchvision: a bare tokenizer."""
+    byte_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="cannot read images .* need torchvision"):
+        load_model_and_processor(tmp_path)

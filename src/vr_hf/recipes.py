@@ -145,9 +145,16 @@ def recipe_parser(description: str, epilog: str, lora: bool = False, **defaults)
 def parse_recipe_args(parser: TrlParser, argv=None) -> tuple:
     """Parse a recipe's command line (and `--config FILE`), check it, and set the accumulation for the global batch.
 
-    Every mistake found here is reported before any data or weights load.
+    Every mistake found here is reported, as a command-line error, before any data or weights load.
     """
-    *parsed, training_args = parser.parse_args_and_config(argv)
+    try:
+        return check_recipe_args(*parser.parse_args_and_config(argv))
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def check_recipe_args(*parsed) -> tuple:
+    *parsed, training_args = parsed
     recipe = parsed[0]
     if recipe.global_batch_size:
         if training_args.gradient_accumulation_steps != 1:
@@ -164,6 +171,10 @@ def parse_recipe_args(parser: TrlParser, argv=None) -> tuple:
             f"--eval_strategy {training_args.eval_strategy.value} needs evaluation data, and a LLaVA JSON file has no "
             "splits: give --eval_data."
         )
+    if training_args.resume_from_checkpoint == "latest" and not last_checkpoint(training_args.output_dir):
+        raise ValueError(
+            f"--resume_from_checkpoint latest: there is no checkpoint in {training_args.output_dir} to resume from."
+        )
     if len(parsed) > 1 and parsed[1].qlora:
         if recipe.tiny:
             raise ValueError("--qlora quantizes a checkpoint as it loads: give it with --model.")
@@ -174,6 +185,12 @@ def parse_recipe_args(parser: TrlParser, argv=None) -> tuple:
             )
     check_engine(training_args)
     return (*parsed, training_args)
+
+
+def last_checkpoint(output_dir) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
 
 
 def check_engine(training_args) -> None:
@@ -251,11 +268,17 @@ def load_training_data(source, image_folder=None, split: str = "train", on_error
 
 
 def load_model_and_processor(name_or_path, **from_pretrained_kwargs):
-    """A Vision Remember checkpoint and its processor, loaded as remote code (`trust_remote_code=True`)."""
+    """A Vision Remember checkpoint and its processor, loaded as remote code (`trust_remote_code=True`); the
+    processor first, so that one that cannot read images is refused before the weights load."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = AutoModelForImageTextToText.from_pretrained(name_or_path, trust_remote_code=True, **from_pretrained_kwargs)
     processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=True)
+    if getattr(processor, "image_processor", None) is None:
+        raise ValueError(
+            f"The processor of {name_or_path} cannot read images ({type(processor).__name__}): the stock processors "
+            "of Qwen2.5-VL and MiniCPM-V, which grafted checkpoints carry, need torchvision (pip install torchvision)."
+        )
+    model = AutoModelForImageTextToText.from_pretrained(name_or_path, trust_remote_code=True, **from_pretrained_kwargs)
     return model, processor
 
 

@@ -19,7 +19,7 @@ EXAMPLES = f"""examples:
   vr-hf evaluate outputs/vr-hf/checkpoint                  the offline tasks ({OFFLINE_GROUP}), no downloads
   vr-hf evaluate outputs/vr-hf/checkpoint --tasks vr_hf_red_letter --limit 20
   vr-hf evaluate CHECKPOINT --paper --dtype bfloat16 --batch-size 8    the paper's 11 benchmarks (Hub, GPU)
-  vr-hf paper-table runs/paper/results.json               Table 1 from an lmms-eval results file
+  vr-hf paper-table runs/paper/*/*_results.json           Table 1 from lmms-eval --output_path runs/paper
 
 needs lmms-eval: {INSTALL}
 """
@@ -70,13 +70,16 @@ def evaluate(argv=None) -> dict:
     unknown = [task for task in tasks if task not in task_manager.all_tasks]
     if unknown:
         raise SystemExit(f"Unknown lmms-eval tasks {unknown}: `lmms-eval --tasks list` lists them.")
-    model = VisionRememberLMMS(
-        arguments.checkpoint,
-        dtype=arguments.dtype,
-        device=arguments.device,
-        attn_implementation=arguments.attn_implementation,
-        batch_size=arguments.batch_size,
-    )
+    try:
+        model = VisionRememberLMMS(
+            arguments.checkpoint,
+            dtype=arguments.dtype,
+            device=arguments.device,
+            attn_implementation=arguments.attn_implementation,
+            batch_size=arguments.batch_size,
+        )
+    except ValueError as error:  # the model's own checks: each says what is wrong and what to do
+        raise SystemExit(f"vr-hf evaluate: {error}") from None
     results = simple_evaluate(model=model, tasks=tasks, limit=arguments.limit, task_manager=task_manager)
     text = paper.table({arguments.checkpoint: results}) if arguments.paper else offline_table(results)
     write(results, text, arguments.output_dir)
