@@ -6,7 +6,7 @@ against the reference and against their memory-bandwidth floor. It prints one ta
 numbers (`benchmark.json`) and a plot in the style of the paper's Figure 4 (`benchmark.png`).
 
     python benchmarks/benchmark.py               # the paper's sizes, bf16 on CUDA (random weights)
-    python benchmarks/benchmark.py --cpu-small   # reduced sizes, float32 on CPU, a few minutes on two cores
+    python benchmarks/benchmark.py --cpu-small   # reduced sizes, float32 on CPU, about a minute
 
 All models are built first and measured interleaved, one repeat of each in turn, after two warm-up rounds; medians
 are reported. Time to first token is one prefill forward (vision tower, projector, decoder, Vision Remember) with the
@@ -122,6 +122,7 @@ def model_inputs(model, setup: Setup, answer: int = 0) -> dict:
         input_ids=input_ids,
         pixel_values=pixel_values.to(setup.dtype),
         image_sizes=torch.tensor([[setup.image_size, setup.image_size]]),
+        prompt_mask=torch.ones_like(input_ids, dtype=torch.bool),  # as generate() sets it: all of it is the prompt
     )
     if answer:
         labels = torch.full_like(input_ids, -100)

@@ -204,10 +204,13 @@ initialised, so this checkpoint needs multimodal training before it is useful.
 ## Load
 
 ```python
+from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+path = "path/to/this/checkpoint"  # or its Hub id
 model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)
 processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+image = Image.open("photo.jpg")
 messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "Describe the image."}}]}}]
 prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
 inputs = processor(images=[image], text=[prompt], return_tensors="pt")

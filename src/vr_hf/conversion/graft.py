@@ -179,11 +179,12 @@ hidden states {config.remember_feature_layers} (0 = patch embeddings) as multi-l
 ```python
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+path = "path/to/this/checkpoint"  # or its Hub id
 model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)
 processor = AutoProcessor.from_pretrained(path)
 ```
 
-`python conversion/strip_vision_remember.py --source PATH --output-dir DIR` gives back the native checkpoint.
+`vr_hf.conversion.strip_vision_remember(path, output_dir)` (`pip install vr-hf`) gives back the native checkpoint.
 """
 
 
@@ -201,6 +202,7 @@ The native `{model.config.model_type}` checkpoint, from the Vision Remember chec
 ```python
 from transformers import AutoModelForImageTextToText
 
+path = "path/to/this/checkpoint"  # or its Hub id
 model = AutoModelForImageTextToText.from_pretrained(path)
 ```
 """
