@@ -31,9 +31,9 @@ class Settings:
     density: float = DENSITY
     ratios: list[int] = field(default_factory=lambda: [3])  # downsample factors s of the main table: ratio 1/s**2
     seeds: list[int] = field(default_factory=lambda: [0])
-    steps: int = 1500
+    steps: int = 1000
     learning_rate: float = 1e-3
-    batch_size: int = 16
+    batch_size: int = 32
     train_size: int = 4000
     test_size: int = 400
     tower_steps: int = 400
