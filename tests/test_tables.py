@@ -41,7 +41,7 @@ def synthetic_results(row: tables.Row, seeds: list[int], accuracies: dict[str, f
         right = int(accuracies[name] * questions)
         hits = [index < right for index in range(questions)]
         for seed in seeds:
-            correct = {"text which": hits[: questions // 2], "text where": hits[questions // 2 :]}
+            correct = {"text": hits[: questions // 2], "chart": hits[questions // 2 :]}
             results.append(
                 {
                     "model": {"downsample_factor": model.downsample_factor, "variant": model.variant},

@@ -14,7 +14,7 @@ EXAMPLES = """examples:
   vr-hf                                    the default: ratio 1/9, one seed, about 8 minutes on 2 CPU cores
   vr-hf --ratios 1/4 1/9 1/16 --seeds 0 1 2
   vr-hf --table 2                          the paper's Table 2 in miniature: 1/4, 1/9, 1/16 and the ceiling, 3 seeds
-  vr-hf --table 5                          the paper's Table 5a-c in miniature: components, interaction, layers
+  vr-hf --table 5                          the paper's Table 5a-b in miniature: components, interaction
   vr-hf --decoder smollm2                  a real pretrained decoder (SmolLM2-135M-Instruct), frozen
 
 evaluation with lmms-eval (vr-hf evaluate --help):
@@ -52,13 +52,7 @@ def parse_arguments(argv=None) -> Settings:
         choices=["main", "2", "5"],
         default=defaults.tables,
         help="main: baseline vs Vision Remember at --ratios (default); 2: the paper's Table 2 in miniature; "
-        "5: its Table 5a-c in miniature. 2 and 5 default to --seeds 0 1 2",
-    )
-    parser.add_argument(
-        "--density",
-        type=float,
-        default=defaults.density,
-        help=f"chance that a cell holds an item (default {defaults.density}): the higher, the more pooling loses",
+        "5: its Table 5a-b in miniature. 2 and 5 default to --seeds 0 1 2",
     )
     parser.add_argument(
         "--ratios",

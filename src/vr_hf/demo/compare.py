@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 
 from . import experiment, tables
 from .decoders import build_model, smollm2_folder
-from .tasks import DENSITY, make_split
+from .tasks import make_split
 from .tower import pretrain_tower
 
 
@@ -28,10 +28,9 @@ TOWER_SEED, TEST_SEED = 10_000, 20_000
 @dataclass
 class Settings:
     tables: list[str] = field(default_factory=lambda: ["main"])
-    density: float = DENSITY
     ratios: list[int] = field(default_factory=lambda: [3])  # downsample factors s of the main table: ratio 1/s**2
     seeds: list[int] = field(default_factory=lambda: [0])
-    steps: int = 1000
+    steps: int = 2500
     learning_rate: float = 1e-3
     batch_size: int = 32
     train_size: int = 4000
@@ -86,15 +85,10 @@ def run_job(job: Job, settings: Settings, tower_dir: str, queue) -> dict:
     model, processor = build_model(
         settings.decoder, tower_dir, job.model.downsample_factor, job.model.vision_remember, job.seed, scratch
     )
-    train = experiment.AnswerDataset(
-        make_split(settings.train_size, job.seed, settings.density),
-        processor,
-        model.config.generation_prompt_ids,
-        job.seed,
-    )
+    train = experiment.AnswerDataset(make_split(settings.train_size, seed=job.seed), processor)
     run = experiment.RunSettings(settings.steps, settings.batch_size, settings.learning_rate, job.seed)
     experiment.train(model, train, run, scratch, processor.tokenizer.pad_token_id, [StepReporter(queue)])
-    correct = experiment.correct_by_type(model, processor, test_split(settings))
+    correct = experiment.correct_by_task(model, processor, test_split(settings))
     if job.save_to:
         model.save_pretrained(job.save_to)
         processor.save_pretrained(job.save_to)
@@ -106,7 +100,7 @@ def run_job(job: Job, settings: Settings, tower_dir: str, queue) -> dict:
 
 
 def test_split(settings: Settings):
-    return make_split(settings.test_size, TEST_SEED, settings.density)
+    return make_split(settings.test_size, seed=TEST_SEED)
 
 
 def jobs_for(settings: Settings) -> list[Job]:
@@ -152,8 +146,8 @@ def run(settings: Settings) -> list[dict]:
     Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
     print(f"Pretraining the vision tower on patch classification ({settings.tower_steps} steps)...")
     tower, patch_accuracy = pretrain_tower(
-        make_split(2000, TOWER_SEED, settings.density),
-        make_split(200, TOWER_SEED + 1, settings.density),
+        make_split(2000, seed=TOWER_SEED),
+        make_split(200, seed=TOWER_SEED + 1),
         settings.tower_steps,
         os.path.join(settings.output_dir, "runs", "tower"),
     )

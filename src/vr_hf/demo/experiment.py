@@ -2,12 +2,11 @@
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from PIL import Image
 from transformers import Trainer, TrainingArguments
 
-from .tasks import QUESTION_KINDS, Sample
+from .tasks import QUESTIONS, Sample
 
 
 @dataclass
@@ -18,55 +17,28 @@ class RunSettings:
     seed: int
 
 
-def conversation(question: str, answer: str | None = None, image: Image.Image | None = None) -> list[dict]:
-    image_part = {"type": "image", "image": image} if image is not None else {"type": "image"}
-    messages = [{"role": "user", "content": [image_part, {"type": "text", "text": question}]}]
+def conversation(question: str, answer: str | None = None) -> list[dict]:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     if answer is not None:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
     return messages
 
 
-def dialogue(sample: Sample, rng: np.random.Generator) -> list[dict]:
-    """All of a sample's questions, in a random order, as one chat about its image, each answered."""
-    (question, answer), *others = [sample.questions[index] for index in rng.permutation(len(sample.questions))]
-    messages = conversation(question, answer, Image.fromarray(sample.image))
-    for question, answer in others:
-        messages.append({"role": "user", "content": [{"type": "text", "text": question}]})
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-    return messages
-
-
-def answer_labels(input_ids: list[int], generation_prompt: list[int], end_of_turn: int) -> torch.Tensor:
-    """Labels that supervise the answers only: what follows each generation prompt, up to its end of turn."""
-    labels, answering = [], False
-    for index, token in enumerate(input_ids):
-        labels.append(token if answering else -100)
-        if answering:
-            answering = token != end_of_turn
-        else:
-            answering = input_ids[max(index + 1 - len(generation_prompt), 0) : index + 1] == generation_prompt
-    return torch.tensor(labels)
-
-
 class AnswerDataset(torch.utils.data.Dataset):
-    """Samples encoded once by the model's processor, both questions of an image in one chat, in a seeded random
-    order; the loss is on the answers only, so the text-guided token pools the first question, as it pools the only
-    one at evaluation, whichever kind it is."""
+    """Samples encoded once by the model's processor; the loss is on the answer only."""
 
-    def __init__(self, samples: list[Sample], processor, generation_prompt: list[int], seed: int):
-        rng, end_of_turn = np.random.default_rng(seed), processor.tokenizer.eos_token_id
-        self.items = [
-            self.encode(dialogue(sample, rng), processor, generation_prompt, end_of_turn) for sample in samples
-        ]
+    def __init__(self, samples: list[Sample], processor):
+        self.items = [self.encode(sample, processor) for sample in samples]
 
     @staticmethod
-    def encode(messages: list[dict], processor, generation_prompt: list[int], end_of_turn: int) -> dict:
-        text = processor.apply_chat_template(messages)
-        image = messages[0]["content"][0]["image"]
-        encoded = processor(images=[image], text=[text], return_tensors="pt")
-        input_ids = encoded["input_ids"][0]
-        labels = answer_labels(input_ids.tolist(), generation_prompt, end_of_turn)
-        return {"input_ids": input_ids, "labels": labels, "pixel_values": encoded["pixel_values"][0]}
+    def encode(sample: Sample, processor) -> dict:
+        prompt = processor.apply_chat_template(conversation(sample.question), add_generation_prompt=True)
+        full = processor.apply_chat_template(conversation(sample.question, sample.answer))
+        encoded = processor(images=[Image.fromarray(sample.image)], text=[full], return_tensors="pt")
+        prompt_length = len(processor(images=[Image.fromarray(sample.image)], text=[prompt])["input_ids"][0])
+        labels = encoded["input_ids"][0].clone()
+        labels[:prompt_length] = -100
+        return {"input_ids": encoded["input_ids"][0], "labels": labels, "pixel_values": encoded["pixel_values"][0]}
 
     def __len__(self):
         return len(self.items)
@@ -120,39 +92,27 @@ def train(model, dataset: AnswerDataset, settings: RunSettings, output_dir: str,
     return model.eval()
 
 
-def question_types(samples: list[Sample]) -> dict[str, list[tuple[Sample, str, str]]]:
-    """Every held-out question, grouped by type (`"text which"`, `"chart where"`, ...), with its sample and answer."""
-    groups = {}
-    for sample in samples:
-        for kind, (question, answer) in zip(QUESTION_KINDS, sample.questions):
-            groups.setdefault(f"{sample.task} {kind}", []).append((sample, question, answer))
-    return dict(sorted(groups.items()))
-
-
 @torch.no_grad()
-def correct_by_type(model, processor, samples: list[Sample], batch_size: int = 64) -> dict[str, list[bool]]:
-    """Whether each held-out question, asked alone, gets its exact answer (greedy), per question type, in order."""
-    correct = {}
-    for question_type, questions in question_types(samples).items():
-        for start in range(0, len(questions), batch_size):
-            batch = questions[start : start + batch_size]
-            prompts = [
-                processor.apply_chat_template(conversation(question), add_generation_prompt=True)
-                for _, question, _ in batch
-            ]
-            images = [Image.fromarray(sample.image) for sample, _, _ in batch]
-            inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+def correct_by_task(model, processor, samples: list[Sample], batch_size: int = 64) -> dict[str, list[bool]]:
+    """Whether each held-out sample gets its exact answer (greedy), per task type, in order."""
+    correct = {task: [] for task in QUESTIONS}
+    for task in QUESTIONS:
+        task_samples = [sample for sample in samples if sample.task == task]
+        prompt = processor.apply_chat_template(conversation(QUESTIONS[task]), add_generation_prompt=True)
+        for start in range(0, len(task_samples), batch_size):
+            batch = task_samples[start : start + batch_size]
+            images = [Image.fromarray(sample.image) for sample in batch]
+            inputs = processor(images=images, text=[prompt] * len(batch), return_tensors="pt")
             generated = model.generate(**inputs, max_new_tokens=10, do_sample=False)
             answers = processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            hits = [reply.strip() == answer for reply, (_, _, answer) in zip(answers, batch)]
-            correct.setdefault(question_type, []).extend(hits)
+            correct[task] += [answer.strip() == sample.answer for answer, sample in zip(answers, batch)]
     return correct
 
 
 def answer_prior(samples: list[Sample]) -> dict[str, float]:
-    """Accuracy of always giving each question type's most frequent answer: what ignoring the image reaches."""
+    """Accuracy of always giving each task's most frequent answer: what a model that ignores the image reaches."""
     result = {}
-    for question_type, questions in question_types(samples).items():
-        answers = [answer for _, _, answer in questions]
-        result[question_type] = max(answers.count(answer) for answer in set(answers)) / len(answers)
+    for task in QUESTIONS:
+        answers = [sample.answer for sample in samples if sample.task == task]
+        result[task] = max(answers.count(answer) for answer in set(answers)) / max(len(answers), 1)
     return result

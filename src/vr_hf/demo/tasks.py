@@ -1,19 +1,13 @@
-"""A synthetic fine-grained task, generated offline: find the red item among others, name it and say where it is.
+"""A synthetic fine-grained task, generated offline: find the red item among many and name it.
 
-A 12 x 12 grid of 8-pixel cells. Each cell holds an item with probability `density`; exactly one item is red. Two
-task types share the layout:
+Two task types share one layout: a 12 x 12 grid of 8-pixel cells, one item per cell, exactly one drawn in red.
 
-- `text`: rendered capital letters (DejaVu Sans Mono Bold, matplotlib's bundled font);
-- `chart`: a scatter chart of markers (matplotlib axes and markers).
+- `text`: rendered capital letters (DejaVu Sans Mono Bold, matplotlib's bundled font): "Which letter is red?"
+- `chart`: a scatter chart (matplotlib axes and markers): "Which marker is red?"
 
-Each image comes with three questions: which item is red ("Which letter is red?") and, position-grounded, where it is
-("Which row is the red letter in?", "Which column is the red letter in?", numbered 1 to 12 from the top left). Each
-item fills about one vision patch, so one full-resolution patch answers all three, while a token pooled over an
-`s x s` window mixes the red item with any other item in its window and blurs its row and column over `s` of them:
-the detail Vision Remember exists to recover. How much
-pooling loses grows with the window (the chance that the red item shares it is 1 - (1 - density)^(s² - 1)): at
-density 0.1, 27% of red items share a 2 x 2 window, 57% a 3 x 3 and 79% a 4 x 4 one. The cell layout is also returned,
-for pretraining the vision tower on patch-level classification.
+Each item fills about one vision patch, so one full-resolution patch identifies it while a token pooled over an
+`s x s` window mixes it with its neighbours: the detail Vision Remember exists to recover. The cell layout is also
+returned, for pretraining the vision tower on patch-level classification.
 """
 
 import io
@@ -35,9 +29,7 @@ LETTERS = "EFHKLNTXYZ"
 MARKERS = {"circle": "o", "square": "s", "triangle": "^", "diamond": "D", "plus": "P", "cross": "X", "star": "*"}
 ITEMS = list(LETTERS) + list(MARKERS)  # patch classes; index len(ITEMS) is an empty cell
 EMPTY = len(ITEMS)
-TASKS = {"text": "letter", "chart": "marker"}
-QUESTION_KINDS = ("which", "row", "column")  # the order of each sample's questions
-DENSITY = 0.1
+QUESTIONS = {"text": "Which letter is red?", "chart": "Which marker is red?"}
 RED, INK, PAPER = np.array([220, 30, 30]), np.array([20, 20, 20]), np.array([255, 255, 255])
 
 
@@ -45,17 +37,10 @@ RED, INK, PAPER = np.array([220, 30, 30]), np.array([20, 20, 20]), np.array([255
 class Sample:
     image: np.ndarray  # (IMAGE_SIZE, IMAGE_SIZE, 3) uint8
     task: str
-    questions: list[tuple[str, str]]  # (question, answer), one per QUESTION_KINDS
+    question: str
+    answer: str
     cell_items: np.ndarray  # (GRID, GRID) item index per cell, EMPTY where none
     cell_red: np.ndarray  # (GRID, GRID) bool
-
-    @property
-    def question(self) -> str:
-        return self.questions[0][0]
-
-    @property
-    def answer(self) -> str:
-        return self.questions[0][1]
 
 
 def font_path() -> Path:
@@ -123,7 +108,7 @@ def draw(canvas: np.ndarray, row: int, column: int, mask: np.ndarray, color: np.
     cell[:] = cell * (1 - mask[..., None]) + color * mask[..., None]
 
 
-def make_sample(task: str, rng: np.random.Generator, density: float = DENSITY) -> Sample:
+def make_sample(task: str, rng: np.random.Generator) -> Sample:
     names = list(LETTERS) if task == "text" else list(MARKERS)
     masks = letter_masks() if task == "text" else marker_masks()
     canvas = (np.tile(PAPER, (IMAGE_SIZE, IMAGE_SIZE, 1)) if task == "text" else chart_background()).astype(np.float32)
@@ -132,22 +117,17 @@ def make_sample(task: str, rng: np.random.Generator, density: float = DENSITY) -
     red_row, red_column = rng.integers(GRID, size=2)
     for row in range(GRID):
         for column in range(GRID):
+            name = names[rng.integers(len(names))]
             red = row == red_row and column == red_column
-            name = names[rng.integers(len(names))]  # drawn for every cell, so that density changes only the layout
-            if red or rng.random() < density:
-                draw(canvas, row, column, masks[name], RED if red else INK)
-                cell_items[row, column], cell_red[row, column] = ITEMS.index(name), red
-    item = TASKS[task]
-    questions = [
-        (f"Which {item} is red?", ITEMS[cell_items[red_row, red_column]]),
-        (f"Which row is the red {item} in?", str(red_row + 1)),
-        (f"Which column is the red {item} in?", str(red_column + 1)),
-    ]
-    return Sample(np.clip(canvas, 0, 255).astype(np.uint8), task, questions, cell_items, cell_red)
+            draw(canvas, row, column, masks[name], RED if red else INK)
+            cell_items[row, column], cell_red[row, column] = ITEMS.index(name), red
+    answer = ITEMS[cell_items[red_row, red_column]]
+    image = np.clip(canvas, 0, 255).astype(np.uint8)
+    return Sample(image, task, QUESTIONS[task], answer, cell_items, cell_red)
 
 
-def make_split(size: int, seed: int, density: float = DENSITY) -> list[Sample]:
+def make_split(size: int, seed: int) -> list[Sample]:
     """`size` samples, half of each task type, in a seeded random order."""
     rng = np.random.default_rng(seed)
-    tasks = list(TASKS) * (size // 2)
-    return [make_sample(tasks[index], rng, density) for index in rng.permutation(len(tasks))]
+    tasks = ["text", "chart"] * (size // 2)
+    return [make_sample(tasks[index], rng) for index in rng.permutation(len(tasks))]

@@ -1,9 +1,8 @@
 """A tiny SigLIP vision tower, pretrained on patch-level classification of the synthetic task and then frozen.
 
-As in the paper, the vision tower comes pretrained: every patch's features already say which item it holds, whether
-it is red and which row and column it is in, so what the language model learns is only how to find and read them.
-(A tower trained from scratch together with the decoder can pack detail into the pooled tokens itself and hide what
-pooling loses.)
+As in the paper, the vision tower comes pretrained: every patch's features already say which item it holds and
+whether it is red, so what the language model learns is only how to find and read them. (A tower trained from
+scratch together with the decoder can pack detail into the pooled tokens itself and hide what pooling loses.)
 """
 
 import numpy as np
@@ -33,39 +32,26 @@ def pixel_values(samples: list[Sample]) -> torch.Tensor:
 
 
 class PatchClassifier(nn.Module):
-    """The tower plus linear heads on its last hidden state: which item each patch holds, whether it is red, and its
-    row and column (so that a question naming a row can find its patches)."""
+    """The tower plus two linear heads on its last hidden state: which item each patch holds, and whether it is red."""
 
     def __init__(self, config: SiglipVisionConfig):
         super().__init__()
         self.tower = SiglipVisionModel(config)
         self.item_head = nn.Linear(config.hidden_size, EMPTY + 1)
         self.red_head = nn.Linear(config.hidden_size, 2)
-        self.row_head = nn.Linear(config.hidden_size, GRID)
-        self.column_head = nn.Linear(config.hidden_size, GRID)
 
     def forward(self, pixel_values, item_labels, red_labels):
         states = self.tower(pixel_values).last_hidden_state
-        cells = torch.arange(GRID * GRID, device=states.device).expand(len(states), -1)
-        losses = [
-            nn.functional.cross_entropy(head(states).flatten(0, 1), labels.flatten())
-            for head, labels in (
-                (self.item_head, item_labels),
-                (self.red_head, red_labels),
-                (self.row_head, cells // GRID),
-                (self.column_head, cells % GRID),
-            )
-        ]
-        return {"loss": sum(losses)}
+        loss = nn.functional.cross_entropy(self.item_head(states).flatten(0, 1), item_labels.flatten())
+        loss = loss + nn.functional.cross_entropy(self.red_head(states).flatten(0, 1), red_labels.flatten())
+        return {"loss": loss}
 
 
 class PatchDataset(torch.utils.data.Dataset):
     def __init__(self, samples: list[Sample]):
         self.pixel_values = pixel_values(samples)
-        self.item_labels = torch.from_numpy(np.stack([sample.cell_items.reshape(GRID * GRID) for sample in samples]))
-        self.red_labels = torch.from_numpy(
-            np.stack([sample.cell_red.reshape(GRID * GRID) for sample in samples])
-        ).long()
+        self.item_labels = torch.tensor([sample.cell_items.reshape(GRID * GRID) for sample in samples])
+        self.red_labels = torch.tensor([sample.cell_red.reshape(GRID * GRID) for sample in samples]).long()
 
     def __len__(self):
         return len(self.pixel_values)
