@@ -11,7 +11,7 @@ from .demo.decoders import DECODERS
 
 
 EXAMPLES = """examples:
-  vr-hf                                    the default: ratio 1/9, one seed, about 8 minutes on 2 CPU cores
+  vr-hf                                    the default: ratio 1/9, one seed, about 9 minutes on 2 CPU cores
   vr-hf --ratios 1/4 1/9 1/16 --seeds 0 1 2
   vr-hf --table 2                          the paper's Table 2 in miniature: 1/4, 1/9, 1/16 and the ceiling, 3 seeds
   vr-hf --table 5                          the paper's Table 5a-b in miniature: components, interaction
