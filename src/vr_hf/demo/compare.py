@@ -88,7 +88,7 @@ def run_job(job: Job, settings: Settings, tower_dir: str, queue) -> dict:
     train = experiment.AnswerDataset(make_split(settings.train_size, seed=job.seed), processor)
     run = experiment.RunSettings(settings.steps, settings.batch_size, settings.learning_rate, job.seed)
     experiment.train(model, train, run, scratch, processor.tokenizer.pad_token_id, [StepReporter(queue)])
-    correct = experiment.correct_by_task(model, processor, test_split(settings))
+    correct = experiment.correct_by_task(model, processor, held_out_split(settings))
     if job.save_to:
         model.save_pretrained(job.save_to)
         processor.save_pretrained(job.save_to)
@@ -99,7 +99,7 @@ def run_job(job: Job, settings: Settings, tower_dir: str, queue) -> dict:
     return result
 
 
-def test_split(settings: Settings):
+def held_out_split(settings: Settings):
     return make_split(settings.test_size, seed=TEST_SEED)
 
 
@@ -179,7 +179,7 @@ def run(settings: Settings) -> list[dict]:
 def write_results(results: list[dict], settings: Settings) -> str:
     """Each requested table as Markdown (printed and `<table>.md`), a plot (`<table>.png`) and raw JSON
     (`<table>.json`: the settings, every run's per-question answers and the summary)."""
-    test = test_split(settings)
+    test = held_out_split(settings)
     prior_by_task = experiment.answer_prior(test)
     prior = sum(prior_by_task.values()) / len(prior_by_task)
     output, texts = Path(settings.output_dir), []

@@ -134,7 +134,7 @@ def summarize_row(row: Row, results: list[dict], seeds: list[int]) -> dict:
             name: 100 * float(np.std(matrix.mean(axis=1), ddof=min(1, len(seeds) - 1)))
             for name, matrix in correct.items()
         },
-        "gain": accuracy["model"] - accuracy["baseline"],
+        "gain": gain(accuracy),
         "gain_interval": statistics.interval(100 * statistics.bootstrap(correct, gain)),
         "sign_test_p": statistics.sign_test(*statistics.disagreements(correct["model"], correct["baseline"])),
     }
