@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from vr_hf.cli import parse_arguments
-from vr_hf.demo import statistics, tables
+from vr_hf.demo import decoders, statistics, tables
 from vr_hf.demo.compare import Settings, jobs_for
+from vr_hf.demo.tower import tower_config
 
 
 def test_fraction_recovered_is_the_share_of_the_compression_loss_given_back():
@@ -75,11 +76,22 @@ def test_tables_train_each_model_once_per_seed():
     assert all(job.save_to is None for job in jobs), "only the main table saves a checkpoint"
 
 
-def test_every_table_variant_changes_what_its_name_says():
-    for name, settings in tables.VARIANTS.items():
-        model = tables.Model(3, name)
-        assert model.vision_remember == settings
-    assert tables.Model(3).vision_remember is None
+def test_every_table_variant_builds_the_model_its_name_says():
+    expected = {  # (use_vision_remember, multi_level, bidirectional, text_guidance, interaction)
+        "baseline": (False, True, True, True, "local"),
+        "vision-remember": (True, True, True, True, "local"),
+        "local attention": (True, False, False, False, "local"),
+        "+ multi-level": (True, True, False, False, "local"),
+        "+ bidirectional": (True, True, True, False, "local"),
+        "deformable": (True, True, True, True, "deformable"),
+        "global": (True, True, True, True, "global"),
+    }
+    assert set(expected) == set(tables.VARIANTS)
+    for name, settings in expected.items():
+        config = decoders.tiny_model_config(tower_config(), 3, tables.Model(3, name).vision_remember)
+        built = (config.use_vision_remember, config.multi_level, config.bidirectional, config.text_guidance)
+        assert (*built, config.interaction) == settings, name
+        assert (config.downsample_factor, config.remember_after_layers) == (3, [0])
 
 
 def test_table_options_default_to_three_seeds():

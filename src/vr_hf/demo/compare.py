@@ -156,10 +156,10 @@ def run(settings: Settings) -> list[dict]:
     tower.save_pretrained(tower_dir)
 
     jobs = jobs_for(settings)
-    finished = [result for job in jobs if (result := finished_result(job, settings))]
+    finished = {job.name: result for job in jobs if (result := finished_result(job, settings))}
     if finished:
         print(f"Reusing {len(finished)} models already trained with these settings in {settings.output_dir}/runs")
-    jobs = [job for job in jobs if not finished_result(job, settings)]
+    jobs = [job for job in jobs if job.name not in finished]
     print(f"Training {len(jobs)} models, {settings.workers} at a time...")
     context = multiprocessing.get_context("spawn")
     with context.Manager() as manager:
@@ -167,7 +167,7 @@ def run(settings: Settings) -> list[dict]:
         progress = follow_progress(queue, settings.steps * len(jobs))
         with context.Pool(settings.workers) as pool:
             pending = [pool.apply_async(run_job, (job, settings, tower_dir, queue), callback=report) for job in jobs]
-            results = finished + [task.get() for task in pending]
+            results = [*finished.values()] + [task.get() for task in pending]
             pool.close()  # workers exit on their own: terminate() skips their finalizers and leaks their semaphores
             pool.join()
         progress.join(timeout=5)
