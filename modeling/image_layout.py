@@ -52,14 +52,14 @@ class ImageLayout:
         return len(self.pack(views, image_size, torch.zeros(1)))
 
 
-def image_windows(config: VisionRememberConfig, image_sizes: list, device=None) -> list[torch.Tensor]:
-    """Per image, `(tokens, s*s)`: the rows of the image's concatenated per-view features that each of its vision
-    tokens was pooled from; newline tokens have no window (-1)."""
+def image_windows(config: VisionRememberConfig, image_sizes: list) -> list[torch.Tensor]:
+    """Per image, on the host, `(tokens, s*s)`: the rows of the image's concatenated per-view features that each of
+    its vision tokens was pooled from; newline tokens have no window (-1)."""
     layout = ImageLayout.from_config(config)
     grid = config.grid_size
-    windows = block_windows(grid, grid, config.downsample_factor, device)
-    no_window = torch.full((windows.shape[1],), NO_WINDOW, device=device)
-    offsets = torch.arange(max(layout.num_views(size) for size in image_sizes), device=device) * grid**2
+    windows = block_windows(grid, grid, config.downsample_factor)
+    no_window = torch.full((windows.shape[1],), NO_WINDOW)
+    offsets = torch.arange(max(layout.num_views(size) for size in image_sizes)) * grid**2
     return [
         layout.pack(windows[None] + offsets[: layout.num_views(size), None, None], size, no_window)
         for size in image_sizes

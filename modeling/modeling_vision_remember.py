@@ -161,7 +161,7 @@ class EfficientLlavaModel(VisionRememberPreTrainedModel):
             features = self.select_features(hidden_states, self.config.remember_feature_layers)
             rows = [count * features.shape[1] for count in views_per_image]
             image_outputs.remember_features = features.flatten(0, 1).split(rows)
-            image_outputs.window_index = image_windows(self.config, sizes, pixel_values.device)
+            image_outputs.window_index = image_windows(self.config, sizes)
         return image_outputs
 
     def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None, **kwargs):

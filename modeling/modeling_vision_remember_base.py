@@ -47,8 +47,9 @@ class RememberImageOutputs(BaseModelOutputWithPooling):
 
     remember_features (`tuple(torch.FloatTensor)`, one of shape `(feature_rows, L * Dv)` per image):
         The multi-level vision features of each image. None for a model without Vision Remember.
-    window_index (`tuple(torch.LongTensor)`, one of shape `(vision_tokens, window)` per image):
-        Each of the image's vision tokens' rows of its `remember_features` it was compressed from, -1 where none.
+    window_index (`tuple(torch.LongTensor)`, one of shape `(vision_tokens, window)` per image, on the host):
+        Each of the image's vision tokens' rows of its `remember_features` it was compressed from, -1 where none. It
+        follows from the image sizes alone, so it is built where they are read, and the blocks copy it once.
     """
 
     remember_features: tuple[torch.FloatTensor, ...] | None = None

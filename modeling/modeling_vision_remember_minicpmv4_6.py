@@ -55,7 +55,7 @@ class VisionRememberMiniCPMV4_6Model(VisionRememberModelMixin, MiniCPMV4_6Model)
         side = PATCHES_PER_TOKEN_SIDE[mode]
         sizes = target_sizes.tolist()
         rows = [height * width for height, width in sizes]
-        local = [block_windows(height, width, side, features.device) for height, width in sizes]
+        local = [block_windows(height, width, side) for height, width in sizes]
         return RememberImageOutputs(**outputs, remember_features=features.split(rows), window_index=local)
 
     def encode_images(

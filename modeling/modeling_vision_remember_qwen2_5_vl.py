@@ -54,7 +54,7 @@ class VisionRememberQwen2_5_VLModel(VisionRememberModelMixin, Qwen2_5_VLModel):
             dim=-1,
         )
         rows = [len(image) * unit for image in outputs.pooler_output]
-        local = [torch.arange(count, device=features.device).view(-1, unit) for count in rows]
+        local = [torch.arange(count).view(-1, unit) for count in rows]
         return RememberImageOutputs(**outputs, remember_features=features.split(rows), window_index=local)
 
     def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor, **kwargs):

@@ -11,8 +11,9 @@ The blocks here know nothing about any particular VLM. Per forward pass they get
 
 `VisionRemember.prepare` turns these into a `RememberContext`, passed to the decoder as the keyword argument
 `vision_remember`; decoder layers forward it to their forward hooks, which run the block after each chosen layer.
-All sizes come from the layout and the tensors' shapes: nothing in `prepare` or the blocks waits on the device, so
-the decoder with its blocks compiles as one graph.
+All sizes come from the layout and the tensors' shapes: on SDPA and eager attention nothing in `prepare` or the blocks
+waits on the device, so the decoder with its blocks compiles as one graph (FlashAttention's packing by boolean masks
+reads their counts from the device).
 
 Attention follows the model's `attn_implementation`:
 - `eager`: the reference, Transformers' eager attention on padded layouts;
@@ -111,8 +112,11 @@ def attend(module: nn.Module, query, key, value, key_mask=None, **kwargs):
     attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
     mask = key_mask
     if key_mask is not None and "flash" not in implementation:
-        mask = torch.zeros(key_mask.shape, dtype=query.dtype, device=query.device)
-        mask = mask.masked_fill(~key_mask, torch.finfo(query.dtype).min)[:, None, None, :]
+        mask = key_mask[:, None, None, :]  # SDPA takes it as it is; the others add it to the scores
+        if implementation != "sdpa":
+            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~mask, torch.finfo(query.dtype).min
+            )
     output, _ = attention(
         module, query, key, value, mask, scaling=module.scaling, dropout=0.0, is_causal=False, **kwargs
     )
@@ -172,7 +176,9 @@ def attend_images(module: nn.Module, query, features, tokens_per_image: list[int
     copies). `query`: `(tokens, heads, head_dim)`, image after image; `features`: `(features, heads, head_dim)`, image
     after image. Returns `(tokens, heads, head_dim)`."""
     if "flash" in backend(module, query):
-        lengths = [to_device(counts, query.device, torch.int32) for counts in (tokens_per_image, features_per_image)]
+        counts = {"tokens": tokens_per_image, "features": features_per_image}
+        counts = {name: torch.tensor(values, dtype=torch.int32) for name, values in counts.items()}
+        lengths = to_device(counts, query.device).values()
         return attend_packed(
             module, query, features, features, *lengths, max(tokens_per_image), max(features_per_image)
         )
@@ -251,33 +257,46 @@ def concat_windows(windows: list[torch.Tensor], feature_counts: list[int]) -> to
     )
 
 
-def to_device(values, device: torch.device, dtype=torch.long) -> torch.Tensor:
-    """A small host tensor (or list) on `device`, copied without waiting for the work queued there."""
-    tensor = torch.as_tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
+def to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Small host tensors on `device`, in one copy that does not wait for the work queued there: their bytes are
+    packed into one pinned buffer (each at a multiple of 8 bytes, so that any dtype views it) and split there."""
+    chunks = [tensor.contiguous().view(-1).view(torch.uint8) for tensor in tensors.values()]
+    starts = [0]
+    for chunk in chunks:
+        starts.append(starts[-1] + -(-len(chunk) // 8) * 8)
+    buffer = torch.empty(starts[-1], dtype=torch.uint8, pin_memory=device.type == "cuda")
+    for chunk, start in zip(chunks, starts):
+        buffer[start : start + len(chunk)] = chunk
+    buffer = buffer.to(device, non_blocking=True)
+    return {
+        name: buffer[start : start + len(chunk)].view(tensor.dtype).view(tensor.shape)
+        for (name, tensor), chunk, start in zip(tensors.items(), chunks, starts)
+    }
 
 
-def block_windows(height: int, width: int, side: int, device=None) -> torch.Tensor:
+def block_windows(height: int, width: int, side: int) -> torch.Tensor:
     """Rows of a row-major `height x width` patch grid that each `side x side` block covers, blocks in row-major order:
     `(height * width / side**2, side**2)`, each block's rows in row-major order."""
-    grid = torch.arange(height * width, device=device).view(height // side, side, width // side, side)
+    grid = torch.arange(height * width).view(height // side, side, width // side, side)
     return grid.permute(0, 2, 1, 3).reshape(-1, side * side)
 
 
 @dataclass
 class TokenLayout:
     """Where the vision tokens are, and how the bidirectional self-attention lays them out: one row per sample that
-    has vision tokens, one column per token, and a last column for the text-guided token when there is one."""
+    has vision tokens, one slot per token, and a last slot for the text-guided token when there is one.
 
-    token_batch: torch.Tensor  # (N,)
-    token_position: torch.Tensor  # (N,)
-    guidance_mask: torch.Tensor | None  # (B, S): positions that feed the text-guided token
-    sample_rows: torch.Tensor  # (B',): batch rows that hold vision tokens
-    slot_row: torch.Tensor  # (N,): each token's row in the (B', T) self-attention layout
-    slot_column: torch.Tensor  # (N,): its column
-    slot_mask: torch.Tensor  # (B', T): occupied slots
+    Positions are rows of the flattened `(batch * sequence)` hidden states and `(rows * slots)` slots, so that each
+    gather and scatter is one kernel."""
+
+    token_index: torch.Tensor  # (N,): each vision token's row in the flattened hidden states
+    token_slot: torch.Tensor  # (N,): its slot in the flattened self-attention layout
+    slot_index: torch.Tensor  # (rows * slots,): each slot's row in the flattened hidden states (the first vision
+    # token's in the empty slots, which are masked)
+    sample_rows: torch.Tensor  # (rows,): batch rows that hold vision tokens
+    slot_mask: torch.Tensor  # (rows, slots): occupied slots
+    guidance_mask: torch.Tensor | None  # (batch, sequence): positions that feed the text-guided token
+    unguided: torch.Tensor | None  # (rows, sequence, 1): the positions of each row that do not feed it
 
     @classmethod
     def from_placeholders(
@@ -291,18 +310,23 @@ class TokenLayout:
         counts = placeholders.sum(dim=1)
         sample_rows = counts.nonzero().flatten()
         counts = counts[sample_rows]
+        slots = int(counts.max()) + int(guidance_mask is not None)
         slot_row = torch.repeat_interleave(torch.arange(len(sample_rows)), counts)
-        slot_column = torch.arange(len(token_batch)) - (counts.cumsum(0) - counts)[slot_row]
-        length = int(counts.max()) + int(guidance_mask is not None)
-        slot_mask = torch.arange(length)[None, :] < counts[:, None]
-        layout = cls(
-            *(to_device(tensor, device) for tensor in (token_batch, token_position)),
-            guidance_mask,
-            *(to_device(tensor, device) for tensor in (sample_rows, slot_row, slot_column)),
-            to_device(slot_mask, device, dtype=torch.bool),
+        token_slot = slot_row * slots + torch.arange(len(token_batch)) - (counts.cumsum(0) - counts)[slot_row]
+        token_index = token_batch * placeholders.shape[1] + token_position
+        slot_index = token_index[:1].repeat(len(sample_rows) * slots).index_copy(0, token_slot, token_index)
+        on_host = dict(
+            token_index=token_index,
+            token_slot=token_slot,
+            slot_index=slot_index,
+            sample_rows=sample_rows,
+            slot_mask=torch.arange(slots)[None, :] < counts[:, None],
         )
+        layout = cls(**to_device(on_host, device), guidance_mask=guidance_mask, unguided=None)
         if guidance_mask is not None:
-            layout.slot_mask[:, -1] = guidance_mask[layout.sample_rows].any(dim=1)
+            guidance = guidance_mask[layout.sample_rows]
+            layout.slot_mask[:, -1] = guidance.any(dim=1)
+            layout.unguided = ~guidance[..., None]
         return layout
 
 
@@ -315,7 +339,7 @@ class RememberContext:
 
     vision_remember: "VisionRemember"
     layout: TokenLayout
-    windowed: torch.Tensor  # (N,) bool: tokens with features to attend to (not AnyRes newlines)
+    windowed: torch.Tensor  # (N, 1): 1 for tokens with features to attend to, 0 for AnyRes newlines
     window_features: torch.Tensor | None = None  # (N, W, L * Dv)
     window_mask: torch.Tensor | None = None  # (N, W): True where the window has a feature
     image_features: torch.Tensor | None = None  # (all images' features, L * Dv), image after image
@@ -377,8 +401,7 @@ class TokenFeatureCrossAttention(nn.Module):
         return sampled.squeeze(2).transpose(1, 2)
 
     def forward(self, hidden_states: torch.Tensor, context: RememberContext) -> torch.Tensor:
-        position = (context.layout.token_batch, context.layout.token_position)
-        queries_in = self.norm(hidden_states[position])
+        queries_in = self.norm(hidden_states.flatten(0, 1).index_select(0, context.layout.token_index))
         queries = self.query_out(self.act(self.query_up(queries_in)))
         num_tokens = queries.shape[0]
         queries = queries.view(num_tokens, self.num_heads, self.head_dim)
@@ -393,8 +416,14 @@ class TokenFeatureCrossAttention(nn.Module):
                 keys, window_mask = self.sample_points(queries_in, keys), None
             keys = keys.view(num_tokens, -1, self.num_heads, self.head_dim)
             output = attend_windows(self.attention, queries, keys, window_mask)
-        update = context.weigh(self.out_proj(output.reshape(num_tokens, -1)) * context.windowed[:, None])
-        return hidden_states.index_put(position, update.to(hidden_states.dtype), accumulate=True)
+        update = context.weigh(self.out_proj(output.reshape(num_tokens, -1)) * context.windowed)
+        return add_to_tokens(hidden_states, context.layout, update)
+
+
+def add_to_tokens(hidden_states: torch.Tensor, layout: TokenLayout, update: torch.Tensor) -> torch.Tensor:
+    """A residual sub-layer's output: `hidden_states` with `update` `(N, D)` added to its vision tokens."""
+    flat = hidden_states.flatten(0, 1).index_add(0, layout.token_index, update.to(hidden_states.dtype))
+    return flat.view_as(hidden_states)
 
 
 class TokenBidirectionalSelfAttention(nn.Module):
@@ -414,18 +443,14 @@ class TokenBidirectionalSelfAttention(nn.Module):
         self.attention = AttentionSettings(config, self.head_dim)
 
     def text_guided_token(self, hidden_states: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        """Adaptive max-pool over the prompt text of each sample: `(B', D)`, zero where a sample has none."""
-        states = hidden_states[layout.sample_rows]
-        mask = layout.guidance_mask[layout.sample_rows, :, None]
-        pooled = states.masked_fill(~mask, torch.finfo(states.dtype).min).amax(dim=1)
-        return pooled.masked_fill(~mask.any(dim=1), 0.0)
+        """Adaptive max-pool over the prompt text of each sample: `(rows, D)`, zero where a sample has none."""
+        states = hidden_states.index_select(0, layout.sample_rows)
+        pooled = states.masked_fill(layout.unguided, torch.finfo(states.dtype).min).amax(dim=1)
+        return torch.where(layout.slot_mask[:, -1:], pooled, 0.0)
 
     def layout(self, hidden_states: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        """The normalised vision tokens and text-guided token of each sample, padded: `(B', T, D)`."""
-        rows, length = layout.slot_mask.shape
-        tokens = hidden_states[layout.token_batch, layout.token_position]
-        slots = hidden_states.new_zeros(rows, length, hidden_states.shape[-1])
-        slots = slots.index_put((layout.slot_row, layout.slot_column), tokens)
+        """The normalised vision tokens and text-guided token of each sample, padded: `(rows, slots, D)`."""
+        slots = hidden_states.flatten(0, 1).index_select(0, layout.slot_index).view(*layout.slot_mask.shape, -1)
         if self.text_guidance:
             slots = torch.cat([slots[:, :-1], self.text_guided_token(hidden_states, layout)[:, None]], dim=1)
         return self.norm(slots)
@@ -438,7 +463,7 @@ class TokenBidirectionalSelfAttention(nn.Module):
     def attend_padded(self, slots: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         queries, keys, values = (states.transpose(1, 2) for states in self.project(slots))
         output = attend(self.attention, queries, keys, values, layout.slot_mask)
-        return output.flatten(2)[layout.slot_row, layout.slot_column]
+        return output.flatten(0, 1).flatten(1).index_select(0, layout.token_slot)
 
     def attend_packed(self, slots: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """FlashAttention varlen on the occupied slots only: no projection or attention spent on padding."""
@@ -446,17 +471,15 @@ class TokenBidirectionalSelfAttention(nn.Module):
         length = slots.shape[1]
         packed = self.project(slots[layout.slot_mask])
         output = attend_packed(self.attention, *packed, lengths, lengths, length, length)
-        padded = output.new_zeros(*slots.shape[:2], output.shape[1] * output.shape[2])
-        return padded.index_put((layout.slot_mask,), output.flatten(1))[layout.slot_row, layout.slot_column]
+        padded = output.new_zeros(layout.slot_mask.numel(), output.shape[1] * output.shape[2])
+        return padded.index_put((layout.slot_mask.flatten(),), output.flatten(1)).index_select(0, layout.token_slot)
 
     def forward(self, hidden_states: torch.Tensor, context: RememberContext) -> torch.Tensor:
         layout = context.layout
         slots = self.layout(hidden_states, layout)
         packed = "flash" in backend(self.attention, slots)
         output = self.attend_packed(slots, layout) if packed else self.attend_padded(slots, layout)
-        update = context.weigh(self.out_proj(output))
-        position = (layout.token_batch, layout.token_position)
-        return hidden_states.index_put(position, update.to(hidden_states.dtype), accumulate=True)
+        return add_to_tokens(hidden_states, layout, context.weigh(self.out_proj(output)))
 
 
 class VisionRememberLayer(nn.Module):
@@ -511,8 +534,9 @@ class VisionRemember(nn.Module):
         return torch.cat([norm(level) for norm, level in zip(self.feature_norms, levels)], dim=-1)
 
     def gather_windows(self, features: torch.Tensor, window_index: torch.Tensor) -> torch.Tensor:
-        """`(tokens, window, L * Dv)`: each window's normalised features (any feature in holes)."""
-        return self.normalize_features(features[window_index.clamp(min=0)])
+        """`(tokens, window, L * Dv)`: each window's normalised features (`window_index` without holes)."""
+        gathered = features.index_select(0, window_index.flatten())
+        return self.normalize_features(gathered).view(*window_index.shape, -1)
 
     def prepare(
         self,
@@ -521,24 +545,33 @@ class VisionRemember(nn.Module):
         windows: list[torch.Tensor],
         stand_in: torch.Tensor | None = None,
     ) -> RememberContext:
-        """The per-forward context, for every block: per image, its multi-level features `(rows, L * Dv)` and each of
-        its tokens' window of them `(tokens, window)`, -1 where none. Features are normalised once, in the blocks'
-        dtype: each window's for `local` and `deformable` interaction, each image's for `global`.
+        """The per-forward context, for every block: per image, its multi-level features `(rows, L * Dv)` and, on the
+        host, each of its tokens' window of them `(tokens, window)`, -1 where none. Features are normalised once, in
+        the blocks' dtype: each window's for `local` and `deformable` interaction, each image's for `global`.
 
         Tokens without any feature (AnyRes newlines) keep their row and have their update dropped: no shape depends
         on which tokens have windows.
         """
         feature_counts = [len(image) for image in features]
-        window_index = concat_windows(windows, feature_counts)
-        windowed = (window_index >= 0).any(dim=1)
         features = torch.cat(features).to(self.feature_norms[0].weight.dtype)
-        context = RememberContext(vision_remember=self, layout=layout, windowed=windowed, stand_in=stand_in)
+        window_index = concat_windows(windows, feature_counts)
+        window_mask = window_index >= 0
+        windowed = window_mask.any(dim=1)
+        window_mask[:, 0] |= ~windowed  # a row with nothing to attend to would give NaN
+        on_host = dict(
+            window_index=window_index.clamp(min=0),  # holes read the image's first feature, masked out
+            window_mask=window_mask,
+            windowed=windowed[:, None].to(features.dtype),
+        )
+        on_device = to_device(on_host, features.device)
+        context = RememberContext(
+            vision_remember=self, layout=layout, windowed=on_device["windowed"], stand_in=stand_in
+        )
         if self.config.interaction == "global":
             context.image_features = self.normalize_features(features)
             context.tokens_per_image = [len(window) for window in windows]
             context.features_per_image = feature_counts
         else:
-            context.window_mask = window_index >= 0
-            context.window_mask[:, 0] |= ~windowed  # a row with nothing to attend to would give NaN
-            context.window_features = self.gather_windows(features, window_index)
+            context.window_mask = on_device["window_mask"]
+            context.window_features = self.gather_windows(features, on_device["window_index"])
         return context

@@ -97,7 +97,7 @@ def test_cross_attention_is_one_query_over_its_own_window(implementation, stand_
         output = cross(hidden_states, module.prepare(layout, [features], [windows]))
         normalized = module.normalize_features(features)
         heads, head_dim = cross.num_heads, cross.head_dim
-        for token, (sample, position) in enumerate(zip(layout.token_batch.tolist(), layout.token_position.tolist())):
+        for token, (sample, position) in enumerate((divmod(index, SEQUENCE) for index in layout.token_index.tolist())):
             state = hidden_states[sample, position]
             query = cross.query_out(cross.act(cross.query_up(cross.norm(state)))).view(heads, head_dim)
             window = normalized[windows[token]].view(9, heads, head_dim)
@@ -105,7 +105,7 @@ def test_cross_attention_is_one_query_over_its_own_window(implementation, stand_
             update = cross.out_proj(torch.einsum("hw,whd->hd", weights, window).flatten())
             torch.testing.assert_close(output[sample, position], state + update, atol=1e-5, rtol=1e-4)
     text = torch.ones(2, SEQUENCE, dtype=torch.bool)
-    text[layout.token_batch, layout.token_position] = False
+    text.view(-1)[layout.token_index] = False
     assert torch.equal(output[text], hidden_states[text])
 
 
@@ -116,9 +116,9 @@ def test_tokens_without_a_window_are_left_alone():
     windows[2] = -1
     with torch.no_grad():
         output = module.layers["0"].cross_attention(hidden_states, module.prepare(layout, [features], [windows]))
-    sample, position = layout.token_batch[2], layout.token_position[2]
+    sample, position = divmod(int(layout.token_index[2]), SEQUENCE)
     assert torch.equal(output[sample, position], hidden_states[sample, position])
-    assert not torch.equal(output[layout.token_batch[3], layout.token_position[3]], hidden_states[0, 6])
+    assert not torch.equal(output.flatten(0, 1)[layout.token_index[3]], hidden_states[0, 6])
 
 
 def test_feature_levels_are_normalised_each_on_its_own():
@@ -169,7 +169,7 @@ def test_global_cross_attention_is_one_query_over_its_own_image(implementation, 
         output = cross(hidden_states, module.prepare(layout, features, windows))
         heads, head_dim = cross.num_heads, cross.head_dim
         images = [image for image, count in enumerate(counts) for _ in range(count)]
-        for token, (sample, position) in enumerate(zip(layout.token_batch.tolist(), layout.token_position.tolist())):
+        for token, (sample, position) in enumerate((divmod(index, SEQUENCE) for index in layout.token_index.tolist())):
             state = hidden_states[sample, position]
             query = cross.query_out(cross.act(cross.query_up(cross.norm(state)))).view(heads, head_dim)
             keys = module.normalize_features(features[images[token]]).view(-1, heads, head_dim)

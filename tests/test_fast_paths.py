@@ -43,9 +43,9 @@ TORCH_VARLEN = "flash_attention_2"  # without the flash-attn package: torch's ow
 def varlen_stand_in(module, query, key, value, attention_mask, scaling, cu_seq_lens_q, cu_seq_lens_k, **kwargs):
     """FlashAttention's varlen call as Transformers makes it, on any device: block-diagonal SDPA over packed
     sequences `(1, heads, total, head_dim)`, so the packing around it can be tested without CUDA."""
-    query_sequence = torch.bucketize(torch.arange(query.shape[2]), cu_seq_lens_q[1:], right=True)
-    key_sequence = torch.bucketize(torch.arange(key.shape[2]), cu_seq_lens_k[1:], right=True)
-    mask = (query_sequence[:, None] == key_sequence[None]).to(query.device)
+    query_sequence = torch.bucketize(torch.arange(query.shape[2], device=query.device), cu_seq_lens_q[1:], right=True)
+    key_sequence = torch.bucketize(torch.arange(key.shape[2], device=key.device), cu_seq_lens_k[1:], right=True)
+    mask = query_sequence[:, None] == key_sequence[None]
     output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
     return output.transpose(1, 2), None
 
@@ -140,7 +140,7 @@ def context_inputs(module: VisionRemember, dtype, device="cpu"):
     guidance_mask[1, :] = False  # one sample without prompt text: its text-guided token is masked out
     hidden_states = torch.randn(3, length, config.text_config.hidden_size).to(dtype)
     token_layout = TokenLayout.from_placeholders(placeholders, guidance_mask.to(device), torch.device(device))
-    return (token_layout, features, [window.to(device) for window in windows]), hidden_states.to(device)
+    return (token_layout, features, windows), hidden_states.to(device)  # windows stay on the host, as the model's
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -213,6 +213,24 @@ def test_flash_attention_equals_reference_on_gpu(downsample_factor, interaction)
     torch.testing.assert_close(output, expected, **TOLERANCES[torch.bfloat16])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_small_host_tensors_reach_the_device_together_unchanged(device):
+    """`to_device` packs tensors of any dtype and odd sizes into one copy; each comes back whole, in its place."""
+    tensors = {
+        "mask": torch.tensor([[True, False, True]]),
+        "index": torch.arange(5) * 7,
+        "lengths": torch.tensor([3, 1, 4], dtype=torch.int32),
+        "weights": torch.tensor([[0.5], [1.0]], dtype=torch.bfloat16),
+        "empty": torch.zeros(0, 2),
+        "scalar": torch.tensor(-2),
+    }
+    moved = vision_remember.to_device(tensors, torch.device(device))
+    assert list(moved) == list(tensors)
+    for name, tensor in tensors.items():
+        assert moved[name].device.type == device
+        assert moved[name].dtype == tensor.dtype and torch.equal(moved[name].cpu(), tensor), name
+
+
 @CUDA
 @pytest.mark.parametrize("interaction", ["local", "global", "deformable"])
 def test_prepare_and_blocks_never_wait_on_the_device(interaction):
@@ -244,7 +262,8 @@ def test_whole_model_attention_implementations_agree(device):
     flash = ["flash_attention_2"] if device == "cuda" and not MISSING_FOR_FLASH else []
     logits = {}
     for implementation in ["eager", "sdpa", *flash]:
-        model.config._attn_implementation = implementation  # the Vision Remember blocks' (the model's own)
+        model.config._attn_implementation = {"": implementation}  # the Vision Remember blocks' alone (a string would
+        # reach the tower's and the decoder's configs too)
         with torch.no_grad():
             logits[implementation] = model(**inputs).logits.float()
     assert set(logits) == {"eager", "sdpa", *flash}

@@ -88,7 +88,7 @@ def run_and_capture(model: VisionRememberModel, image_sizes: list) -> dict:
     prepare = model.vision_remember.prepare
 
     def capture_prepare(layout, features, windows):
-        captured.update(token_batch=layout.token_batch, token_position=layout.token_position)
+        captured["token_index"] = layout.token_index
         captured["features"] = torch.cat(features)
         captured["window_index"] = concat_windows(windows, [len(image) for image in features])
         captured["context"] = prepare(layout, features, windows)
@@ -110,8 +110,8 @@ def run_and_capture(model: VisionRememberModel, image_sizes: list) -> dict:
     finally:
         handle.remove()
         del model.vision_remember.prepare
-    batch, position = captured["token_batch"], captured["token_position"]
-    captured["tokens"] = captured["inputs_embeds"][batch, position]
+    captured["token_batch"] = captured["token_index"] // input_ids.shape[1]
+    captured["tokens"] = captured["inputs_embeds"].flatten(0, 1)[captured["token_index"]]
     check_prepared_windows(model, captured)
     return captured
 
@@ -122,7 +122,7 @@ def check_prepared_windows(model: VisionRememberModel, captured: dict):
     context, windows = captured["context"], captured["window_index"]
     normalized = model.vision_remember.normalize_features(captured["features"])
     windowed = (windows >= 0).any(dim=1)
-    assert torch.equal(context.windowed, windowed)
+    assert torch.equal(context.windowed[:, 0].bool(), windowed)
     if model.config.interaction == "global":
         torch.testing.assert_close(context.image_features, normalized)
         return
