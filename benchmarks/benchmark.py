@@ -2,14 +2,16 @@
 
 One run measures, for the same image and prompt, uncompressed LLaVA-NeXT style tokens (ratio 1/1) and average pooling
 at 1/4, 1/9 and 1/16, each pooled model with and without Vision Remember; then the windowed cross-attention paths
-against the reference and against their memory-bandwidth floor. It prints one table of ratios and writes the raw
-numbers (`benchmark.json`) and a plot in the style of the paper's Figure 4 (`benchmark.png`).
+against the reference and against their memory-bandwidth floor, each as launched and, on CUDA, as its device time (a
+CUDA graph replayed, without the host's launches; on CPU the two are the same). It prints one table of ratios and
+writes the raw numbers (`benchmark.json`) and a plot in the style of the paper's Figure 4 (`benchmark.png`).
 
     python benchmarks/benchmark.py               # the paper's sizes, bf16 on CUDA (random weights)
     python benchmarks/benchmark.py --cpu-small   # reduced sizes, float32 on CPU, about a minute
 
-All models are built first and measured interleaved, one repeat of each in turn, after two warm-up rounds; medians
-are reported. Time to first token is one prefill forward (vision tower, projector, decoder, Vision Remember) with the
+All models are built first and measured interleaved, in rounds that time each model once, after two warm-up rounds,
+with Python's garbage collector paused; medians are reported. Time to first
+token is one prefill forward (vision tower, projector, decoder, Vision Remember) with the
 logits of the last position; decode is greedy steps with the KV cache. Peak memory of a model is its parameters and
 buffers plus how far memory rises during a prefill, at its peak: on CUDA allocated tensors
 (`torch.cuda.max_memory_allocated`), on CPU the process's resident set (`VmHWM` after a reset through
@@ -46,6 +48,9 @@ from vr_hf.modeling.vision_remember import (
 
 RATIOS = [1, 2, 3, 4]  # downsample factors: 1/1 (uncompressed), 1/4, 1/9, 1/16
 PROMPT_TEXT, ANSWER_TEXT = 24, 16  # text tokens around the image: prompt and (for training) answer
+# Rounds per repeat of each measurement: every round times each model once, so that a machine that slows down for a
+# while slows every model alike. A prefill is short next to a decode: more rounds of it, for about the same time.
+ROUNDS = {"ttft": 5, "decode": 2, "train_step": 1}
 
 
 @dataclass
@@ -150,6 +155,21 @@ def median_seconds(function, setup: Setup, warmup: int = 2) -> float:
     return statistics.median(seconds(function, setup.device) for _ in range(setup.repeats))
 
 
+def replay_seconds(function, setup: Setup) -> float:
+    """Median seconds of `function` captured once as a CUDA graph and replayed: its device time, without the host's
+    launches (it must not wait on the device)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            function()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        function()
+    return median_seconds(graph.replay, setup, warmup=3)
+
+
 def memory_mb(device: torch.device, peak: bool) -> float:
     if device.type == "cuda":
         return (torch.cuda.max_memory_allocated if peak else torch.cuda.memory_allocated)(device) / 2**20
@@ -172,8 +192,7 @@ def peak_memory_mb(model, function, device: torch.device) -> float:
 
 
 class Runner:
-    """One model's measurements, one repeat at a time, so that all models are measured interleaved: a machine that
-    slows down for a while slows every model alike, and the ratios hold."""
+    """One model's measurements, one at a time, so that all models are measured interleaved."""
 
     def __init__(self, model, setup: Setup, training: bool):
         self.model, self.setup = model, setup
@@ -206,16 +225,13 @@ class Runner:
         self.optimizer.zero_grad(set_to_none=True)
         self.model.eval()
 
-    def measure(self, record: bool):
+    def measurements(self) -> dict:
+        """Each measurement this model takes: its name to a function that returns seconds."""
         device = self.setup.device
-        ttft = seconds(self.prefill, device)
-        decode = self.decode()
-        train_step = seconds(self.train_step, device) if self.optimizer else None
-        if record:
-            self.times["ttft"].append(ttft)
-            self.times["decode"].append(decode)
-            if train_step is not None:
-                self.times["train_step"].append(train_step)
+        measurements = {"ttft": lambda: seconds(self.prefill, device), "decode": self.decode}
+        if self.optimizer:
+            measurements["train_step"] = lambda: seconds(self.train_step, device)
+        return measurements
 
     def results(self) -> dict:
         median = {name: statistics.median(times) for name, times in self.times.items() if times}
@@ -284,8 +300,14 @@ def measure_cross_attention(setup: Setup, downsample_factor: int, bandwidth: flo
 
                 seconds = median_seconds(run, setup, warmup=3)
                 memory = peak_memory_mb(settings, run, setup.device)
+                device_seconds = replay_seconds(run, setup) if setup.device.type == "cuda" else seconds
             results[interaction][name] = dict(
-                ms=seconds * 1e3, floor_ms=floor * 1e3, peak_memory_mb=memory, tokens=tokens, keys=keys[0].shape[-3]
+                ms=seconds * 1e3,
+                device_ms=device_seconds * 1e3,
+                floor_ms=floor * 1e3,
+                peak_memory_mb=memory,
+                tokens=tokens,
+                keys=keys[0].shape[-3],
             )
     return results
 
@@ -299,7 +321,7 @@ def measure_block_graph(setup: Setup, downsample_factor: int) -> dict:
     module = VisionRemember(config).to(setup.device, setup.dtype).eval()
     layout = ImageLayout.from_config(config)
     size = (setup.image_size, setup.image_size)
-    windows = image_windows(config, [size], setup.device)
+    windows = image_windows(config, [size])
     features = [torch.randn(layout.num_views(size) * config.grid_size**2, config.remember_feature_size)]
     features = [image.to(setup.device, setup.dtype) for image in features]
     length = PROMPT_TEXT + len(windows[0])
@@ -315,16 +337,7 @@ def measure_block_graph(setup: Setup, downsample_factor: int) -> dict:
 
     with torch.inference_mode():
         eager = median_seconds(step, setup, warmup=3)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        replay = median_seconds(graph.replay, setup, warmup=3)
+        replay = replay_seconds(step, setup)
     return dict(eager_ms=eager * 1e3, graph_ms=replay * 1e3, tokens=len(windows[0]))
 
 
@@ -338,9 +351,17 @@ def run(setup: Setup, attn: str, training: bool, warmup: int = 2) -> dict:
     for factor, use_vision_remember in tqdm(jobs, desc="build"):
         label = f"{ratio_label(factor)}{' +VR' if use_vision_remember else ''}"
         runners[label] = Runner(build(setup, factor, use_vision_remember, attn), setup, training and factor > 1)
-    for repeat in tqdm(range(warmup + setup.repeats), desc="models, interleaved"):
-        for runner in runners.values():
-            runner.measure(record=repeat >= warmup)
+    gc.collect()
+    gc.disable()  # as timeit does: a collection inside one model's timing would be charged to it alone
+    for name, rounds in ROUNDS.items():
+        for round in tqdm(range(warmup + rounds * setup.repeats), desc=f"{name}, models interleaved"):
+            for runner in runners.values():
+                measure = runner.measurements().get(name)
+                if measure is not None:
+                    seconds = measure()
+                    if round >= warmup:
+                        runner.times[name].append(seconds)
+    gc.enable()
     results = {"models": {label: runner.results() for label, runner in runners.items()}, "cross_attention": {}}
     del runners
     gc.collect()
@@ -379,17 +400,19 @@ def ratio_table(results: dict) -> str:
         )
     lines += [
         "",
-        "| cross-attention | keys per token | path | ms | reference / path | path / bandwidth floor | peak MB |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| cross-attention | keys per token | path | launched ms | device ms | reference / path (device) "
+        "| path / bandwidth floor (device) | peak MB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for label, interactions in results["cross_attention"].items():
         for interaction, paths in interactions.items():
-            reference = paths["reference (eager)"]["ms"]
+            reference = paths["reference (eager)"]["device_ms"]
             for name, numbers in paths.items():
-                ms = numbers["ms"]
+                ms = numbers["device_ms"]
                 lines.append(
-                    f"| {label} {interaction} ({numbers['tokens']} tokens) | {numbers['keys']} | {name} | {ms:.3f} "
-                    f"| {reference / ms:.2f} | {ms / numbers['floor_ms']:.1f} | {numbers['peak_memory_mb']:.1f} |"
+                    f"| {label} {interaction} ({numbers['tokens']} tokens) | {numbers['keys']} | {name} "
+                    f"| {numbers['ms']:.3f} | {ms:.3f} | {reference / ms:.2f} | {ms / numbers['floor_ms']:.1f} "
+                    f"| {numbers['peak_memory_mb']:.1f} |"
                 )
     if "block_graph" in results:
         lines += ["", "| one block, context included | tokens | launched ms | CUDA graph ms | saved |"]
@@ -461,7 +484,7 @@ def main():
         return_freed_memory_to_the_system()
         setup = cpu_small_setup(args.repeats or 9, args.decode_tokens or 32)
     else:
-        setup = paper_setup(torch.device("cuda"), args.repeats or 10, args.decode_tokens or 64)
+        setup = paper_setup(torch.device("cuda"), args.repeats or 10, args.decode_tokens or 32)
     results = run(setup, args.attn, training=not args.no_training)
     results.update(
         device=device_name(setup.device),
