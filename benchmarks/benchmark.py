@@ -445,9 +445,9 @@ def plot(results: dict, path: Path):
         axis.set_xticks(list(positions), ["1/1\n(LLaVA-NeXT)"] + labels[1:])
         axis.set_title(title)
         axis.set_xlabel("compression ratio")
-    axes[0].legend(fontsize=8)
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8)
     figure.suptitle(f"{results['device']}, {results['dtype']}")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.06, 1, 1))
     figure.savefig(path, dpi=120)
 
 
