@@ -559,7 +559,7 @@ class VisionRemember(nn.Module):
         windowed = window_mask.any(dim=1)
         window_mask[:, 0] |= ~windowed  # a row with nothing to attend to would give NaN
         on_host = dict(
-            window_index=window_index.clamp(min=0),  # holes read the image's first feature, masked out
+            window_index=window_index.clamp(min=0),  # holes read feature row 0, and are masked out
             window_mask=window_mask,
             windowed=windowed[:, None].to(features.dtype),
         )
