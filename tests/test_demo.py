@@ -12,8 +12,19 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
 
 from vr_hf.cli import downsample_factor, main
 from vr_hf.demo import decoders, tables
-from vr_hf.demo.tasks import CELL, EMPTY, GRID, ITEMS, LETTERS, MARKERS, make_sample, make_split
-from vr_hf.demo.tower import tower_config
+from vr_hf.demo.tasks import (
+    CELL,
+    COLUMNS,
+    EMPTY,
+    GRID,
+    ITEMS,
+    LETTERS,
+    MARKERS,
+    make_sample,
+    make_split,
+    make_word_sample,
+)
+from vr_hf.demo.tower import PatchClassifier, tower_config
 from vr_hf.training import trainable_parts
 
 
@@ -31,10 +42,29 @@ def test_one_red_item_and_the_answer_names_it(task):
     assert sample.answer in (LETTERS if task == "text" else MARKERS)
     assert (sample.cell_items != EMPTY).all()
 
-    reddish = (sample.image[..., 0].astype(int) - sample.image[..., 1]) > 100
-    red_cells = {(y // CELL, x // CELL) for y, x in np.argwhere(reddish)}
-    assert red_cells == {(row, column)}, "red ink must stay inside the red item's cell"
+    assert red_cells(sample) == {(row, column)}, "red ink must stay inside the red item's cell"
     assert sample.image.shape == (GRID * CELL, GRID * CELL, 3)
+
+
+def red_cells(sample) -> set[tuple[int, int]]:
+    reddish = (sample.image[..., 0].astype(int) - sample.image[..., 1]) > 100
+    return {(y // CELL, x // CELL) for y, x in np.argwhere(reddish)}
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_word_is_three_letters_in_a_row_and_the_answers_name_the_red_one_and_its_column(seed):
+    which, column = (make_word_sample(task, np.random.default_rng(seed)) for task in ("which", "column"))
+    assert np.array_equal(which.image, column.image), "both question types ask about the same image"
+    filled = np.argwhere(which.cell_items != EMPTY)
+    assert len(filled) == 3 and len(set(filled[:, 0])) == 1 and np.array_equal(np.diff(filled[:, 1]), [1, 1])
+    assert len({ITEMS[which.cell_items[row, col]] for row, col in filled}) == 3
+    assert all(ITEMS[which.cell_items[row, col]] in LETTERS for row, col in filled)
+    row, red_column = np.argwhere(which.cell_red)[0]
+    assert which.cell_red.sum() == 1 and red_cells(which) == {(row, red_column)}
+    assert which.answer == ITEMS[which.cell_items[row, red_column]]
+    assert column.answer == COLUMNS[red_column] and column.question == "In which column (a to l) is the red letter?"
+    cells = which.image.reshape(GRID, CELL, GRID, CELL, 3).transpose(0, 2, 1, 3, 4)
+    assert (cells[which.cell_items == EMPTY] == 255).all(), "every other cell is blank paper"
 
 
 def test_splits_are_seeded_and_balanced():
@@ -42,6 +72,31 @@ def test_splits_are_seeded_and_balanced():
     assert all(np.array_equal(a.image, b.image) for a, b in zip(first, again))
     assert not all(np.array_equal(a.image, b.image) for a, b in zip(first, other))
     assert sum(sample.task == "text" for sample in first) == 10
+    words = make_split(20, seed=1, family="word")
+    assert sum(sample.task == "which" for sample in words) == 10
+    assert all(sample.task in ("which", "column") for sample in words)
+
+
+def test_the_tower_learns_each_patchs_column_where_asked():
+    """The column loss is the column head's cross-entropy against the patch's column, 0..11 along each row."""
+    torch.manual_seed(0)
+    with_columns = PatchClassifier(tower_config(), learn_columns=True)
+    without = PatchClassifier(tower_config())
+    without.load_state_dict(with_columns.state_dict(), strict=False)
+    samples = make_split(2, seed=0, family="word")
+    batch = {
+        "pixel_values": torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1,
+        "item_labels": torch.tensor(np.stack([s.cell_items.reshape(-1) for s in samples])),
+        "red_labels": torch.tensor(np.stack([s.cell_red.reshape(-1) for s in samples])).long(),
+    }
+    with torch.no_grad():
+        states = with_columns.tower(batch["pixel_values"]).last_hidden_state
+        logits = with_columns.column_head(states).reshape(2, GRID, GRID, GRID)  # (image, row, column, class)
+        expected = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 2), torch.arange(GRID).expand(2, GRID, GRID).flatten()
+        )
+        added = with_columns(**batch)["loss"] - without(**batch)["loss"]
+    torch.testing.assert_close(added, expected)
 
 
 def test_ratios_parse_to_window_sides():

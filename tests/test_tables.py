@@ -94,11 +94,19 @@ def test_every_table_variant_builds_the_model_its_name_says():
         assert (config.downsample_factor, config.remember_after_layers) == (3, [0])
 
 
-def test_table_options_default_to_three_seeds():
-    assert parse_arguments(["--table", "2", "5"]).seeds == [0, 1, 2]
-    assert parse_arguments(["--table", "5", "--seeds", "4"]).seeds == [4]
+def test_table_options_default_to_the_graded_task_and_three_seeds():
+    tables_settings = parse_arguments(["--table", "2", "5"])
+    assert (tables_settings.task, tables_settings.seeds, tables_settings.steps) == ("word", [0, 1, 2], 1000)
+    changed = parse_arguments(["--table", "5", "--seeds", "4", "--task", "red", "--steps", "7"])
+    assert (changed.task, changed.seeds, changed.steps) == ("red", [4], 7)
     default = parse_arguments([])
-    assert (default.tables, default.seeds, default.ratios, default.steps) == (["main"], [0], [3], Settings().steps)
+    assert (default.tables, default.task, default.seeds, default.ratios, default.steps) == (
+        ["main"],
+        "red",
+        [0],
+        [3],
+        Settings().steps,
+    )
     with pytest.raises(SystemExit):
         parse_arguments(["--table", "main", "2"])
 

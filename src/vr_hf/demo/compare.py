@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 
 from . import experiment, tables
 from .decoders import build_model, smollm2_folder
-from .tasks import make_split
+from .tasks import FAMILIES, make_split
 from .tower import pretrain_tower
 
 
@@ -28,6 +28,7 @@ TOWER_SEED, TEST_SEED = 10_000, 20_000
 @dataclass
 class Settings:
     tables: list[str] = field(default_factory=lambda: ["main"])
+    task: str = "red"  # the task family (`tasks.FAMILIES`)
     ratios: list[int] = field(default_factory=lambda: [3])  # downsample factors s of the main table: ratio 1/s**2
     seeds: list[int] = field(default_factory=lambda: [0])
     steps: int = 2500
@@ -85,7 +86,7 @@ def run_job(job: Job, settings: Settings, tower_dir: str, queue) -> dict:
     model, processor = build_model(
         settings.decoder, tower_dir, job.model.downsample_factor, job.model.vision_remember, job.seed, scratch
     )
-    train = experiment.AnswerDataset(make_split(settings.train_size, seed=job.seed), processor)
+    train = experiment.AnswerDataset(make_split(settings.train_size, job.seed, settings.task), processor)
     run = experiment.RunSettings(settings.steps, settings.batch_size, settings.learning_rate, job.seed)
     experiment.train(model, train, run, scratch, processor.tokenizer.pad_token_id, [StepReporter(queue)])
     correct = experiment.correct_by_task(model, processor, held_out_split(settings))
@@ -100,7 +101,7 @@ def run_job(job: Job, settings: Settings, tower_dir: str, queue) -> dict:
 
 
 def held_out_split(settings: Settings):
-    return make_split(settings.test_size, seed=TEST_SEED)
+    return make_split(settings.test_size, TEST_SEED, settings.task)
 
 
 def jobs_for(settings: Settings) -> list[Job]:
@@ -146,10 +147,11 @@ def run(settings: Settings) -> list[dict]:
     Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
     print(f"Pretraining the vision tower on patch classification ({settings.tower_steps} steps)...")
     tower, patch_accuracy = pretrain_tower(
-        make_split(2000, seed=TOWER_SEED),
-        make_split(200, seed=TOWER_SEED + 1),
+        make_split(2000, TOWER_SEED, settings.task),
+        make_split(200, TOWER_SEED + 1, settings.task),
         settings.tower_steps,
         os.path.join(settings.output_dir, "runs", "tower"),
+        learn_columns=FAMILIES[settings.task].tower_learns_columns,
     )
     print(f"Tower patch accuracy on held-out images: {patch_accuracy:.1%}; it is frozen from here on.")
     tower_dir = os.path.join(settings.output_dir, "runs", "tower", "pretrained")

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from transformers import Trainer, TrainingArguments
 
-from .tasks import QUESTIONS, Sample
+from .tasks import Sample
 
 
 @dataclass
@@ -94,11 +94,12 @@ def train(model, dataset: AnswerDataset, settings: RunSettings, output_dir: str,
 
 @torch.no_grad()
 def correct_by_task(model, processor, samples: list[Sample], batch_size: int = 64) -> dict[str, list[bool]]:
-    """Whether each held-out sample gets its exact answer (greedy), per task type, in order."""
-    correct = {task: [] for task in QUESTIONS}
-    for task in QUESTIONS:
+    """Whether each held-out sample gets its exact answer (greedy), per question type, in order."""
+    correct = {}
+    for task in dict.fromkeys(sample.task for sample in samples):
         task_samples = [sample for sample in samples if sample.task == task]
-        prompt = processor.apply_chat_template(conversation(QUESTIONS[task]), add_generation_prompt=True)
+        prompt = processor.apply_chat_template(conversation(task_samples[0].question), add_generation_prompt=True)
+        correct[task] = []
         for start in range(0, len(task_samples), batch_size):
             batch = task_samples[start : start + batch_size]
             images = [Image.fromarray(sample.image) for sample in batch]
@@ -110,9 +111,10 @@ def correct_by_task(model, processor, samples: list[Sample], batch_size: int = 6
 
 
 def answer_prior(samples: list[Sample]) -> dict[str, float]:
-    """Accuracy of always giving each task's most frequent answer: what a model that ignores the image reaches."""
+    """Accuracy of always giving each question type's most frequent answer: what a model that ignores the image
+    reaches."""
     result = {}
-    for task in QUESTIONS:
+    for task in dict.fromkeys(sample.task for sample in samples):
         answers = [sample.answer for sample in samples if sample.task == task]
-        result[task] = max(answers.count(answer) for answer in set(answers)) / max(len(answers), 1)
+        result[task] = max(answers.count(answer) for answer in set(answers)) / len(answers)
     return result

@@ -1,8 +1,9 @@
 """The tables `vr-hf` can make, the models each needs, and how their results are summarised.
 
 - `main`: pooling vs pooling + Vision Remember at the chosen ratios (the default job, on the `red` task).
-- `2`: the paper's Table 2 in miniature: ratios 1/4, 1/9 and 1/16, each baseline vs Vision Remember, and the
-  uncompressed ceiling (ratio 1/1) that tells how much each ratio loses.
+- `2` (on the graded `word` task by default, as is `5`): the paper's Table 2 in miniature: ratios 1/4, 1/9 and
+  1/16, each baseline vs Vision Remember, and the uncompressed ceiling (ratio 1/1) that tells how much each ratio
+  loses.
 - `5`: the paper's Table 5a-b in miniature, at 1/9: which parts matter (local attention, + multi-level features,
   + bidirectional self-attention, + text guidance) and which interaction (local, deformable, global). Its 5c, the
   insertion layers, needs a deeper decoder than the tiny one: with two layers, only blocks after the first can change

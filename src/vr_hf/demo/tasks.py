@@ -1,16 +1,25 @@
-"""A synthetic fine-grained task, generated offline: find the red item among many and name it.
+"""Synthetic fine-grained tasks, generated offline, on a 12 x 12 grid of 8-pixel cells (one vision patch each).
 
-Two task types share one layout: a 12 x 12 grid of 8-pixel cells, one item per cell, exactly one drawn in red.
+Two families:
 
-- `text`: rendered capital letters (DejaVu Sans Mono Bold, matplotlib's bundled font): "Which letter is red?"
-- `chart`: a scatter chart (matplotlib axes and markers): "Which marker is red?"
+- `red` (the main job): one item per cell, exactly one drawn in red; name it. Its question types:
+  - `text`: rendered capital letters (DejaVu Sans Mono Bold, matplotlib's bundled font): "Which letter is red?"
+  - `chart`: a scatter chart (matplotlib axes and markers): "Which marker is red?"
 
-Each item fills about one vision patch, so one full-resolution patch identifies it while a token pooled over an
-`s x s` window mixes it with its neighbours: the detail Vision Remember exists to recover. The cell layout is also
-returned, for pretraining the vision tower on patch-level classification.
+  A token pooled over an `s x s` window always mixes the red item with `s² - 1` neighbours, so pooling loses the
+  answer entirely.
+- `word` (Tables 2 and 5): a row of three letters on blank paper, one of them red. Its question types:
+  - `which`: "Which letter is red?" Pooling loses the answer only where another letter shares the red one's window,
+    more often the larger the window.
+  - `column`, position-grounded: "In which column (a to l) is the red letter?" A pooled token knows its window, not
+    the column inside it.
+
+Each item fills one vision patch, so one full-resolution patch identifies it: the detail Vision Remember exists to
+recover. The cell layout is also returned, for pretraining the vision tower on patch-level classification.
 """
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -30,13 +39,16 @@ MARKERS = {"circle": "o", "square": "s", "triangle": "^", "diamond": "D", "plus"
 ITEMS = list(LETTERS) + list(MARKERS)  # patch classes; index len(ITEMS) is an empty cell
 EMPTY = len(ITEMS)
 QUESTIONS = {"text": "Which letter is red?", "chart": "Which marker is red?"}
+WORD_LENGTH = 3
+COLUMNS = "abcdefghijkl"
+WORD_QUESTIONS = {"which": "Which letter is red?", "column": "In which column (a to l) is the red letter?"}
 RED, INK, PAPER = np.array([220, 30, 30]), np.array([20, 20, 20]), np.array([255, 255, 255])
 
 
 @dataclass
 class Sample:
     image: np.ndarray  # (IMAGE_SIZE, IMAGE_SIZE, 3) uint8
-    task: str
+    task: str  # the question type
     question: str
     answer: str
     cell_items: np.ndarray  # (GRID, GRID) item index per cell, EMPTY where none
@@ -109,6 +121,7 @@ def draw(canvas: np.ndarray, row: int, column: int, mask: np.ndarray, color: np.
 
 
 def make_sample(task: str, rng: np.random.Generator) -> Sample:
+    """A `red` sample: every cell holds an item, one of them red."""
     names = list(LETTERS) if task == "text" else list(MARKERS)
     masks = letter_masks() if task == "text" else marker_masks()
     canvas = (np.tile(PAPER, (IMAGE_SIZE, IMAGE_SIZE, 1)) if task == "text" else chart_background()).astype(np.float32)
@@ -126,8 +139,37 @@ def make_sample(task: str, rng: np.random.Generator) -> Sample:
     return Sample(image, task, QUESTIONS[task], answer, cell_items, cell_red)
 
 
-def make_split(size: int, seed: int) -> list[Sample]:
-    """`size` samples, half of each task type, in a seeded random order."""
+def make_word_sample(task: str, rng: np.random.Generator) -> Sample:
+    """A `word` sample: three distinct letters side by side at a random place, one of them red."""
+    canvas = np.tile(PAPER, (IMAGE_SIZE, IMAGE_SIZE, 1)).astype(np.float32)
+    cell_items = np.full((GRID, GRID), EMPTY)
+    cell_red = np.zeros((GRID, GRID), dtype=bool)
+    row, first = rng.integers(GRID), rng.integers(GRID - WORD_LENGTH + 1)
+    letters = rng.choice(list(LETTERS), size=WORD_LENGTH, replace=False)
+    red = first + rng.integers(WORD_LENGTH)
+    for column, letter in enumerate(letters, start=first):
+        draw(canvas, row, column, letter_masks()[letter], RED if column == red else INK)
+        cell_items[row, column], cell_red[row, column] = ITEMS.index(letter), column == red
+    answer = letters[red - first] if task == "which" else COLUMNS[red]
+    image = np.clip(canvas, 0, 255).astype(np.uint8)
+    return Sample(image, task, WORD_QUESTIONS[task], answer, cell_items, cell_red)
+
+
+@dataclass(frozen=True)
+class Family:
+    questions: dict[str, str]  # question type -> question
+    make_sample: Callable[[str, np.random.Generator], Sample]
+    tower_learns_columns: bool  # whether the tower is pretrained to say each patch's column too
+
+
+FAMILIES = {
+    "red": Family(QUESTIONS, make_sample, tower_learns_columns=False),
+    "word": Family(WORD_QUESTIONS, make_word_sample, tower_learns_columns=True),
+}
+
+
+def make_split(size: int, seed: int, family: str = "red") -> list[Sample]:
+    """`size` samples of a family, half of each of its two question types, in a seeded random order."""
     rng = np.random.default_rng(seed)
-    tasks = ["text", "chart"] * (size // 2)
-    return [make_sample(tasks[index], rng) for index in rng.permutation(len(tasks))]
+    tasks = list(FAMILIES[family].questions) * (size // 2)
+    return [FAMILIES[family].make_sample(tasks[index], rng) for index in rng.permutation(len(tasks))]

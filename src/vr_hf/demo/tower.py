@@ -32,18 +32,23 @@ def pixel_values(samples: list[Sample]) -> torch.Tensor:
 
 
 class PatchClassifier(nn.Module):
-    """The tower plus two linear heads on its last hidden state: which item each patch holds, and whether it is red."""
+    """The tower plus linear heads on its last hidden state: which item each patch holds, whether it is red, and,
+    where `learn_columns`, which column of the grid it is in (as a real tower's features carry where they are)."""
 
-    def __init__(self, config: SiglipVisionConfig):
+    def __init__(self, config: SiglipVisionConfig, learn_columns: bool = False):
         super().__init__()
         self.tower = SiglipVisionModel(config)
         self.item_head = nn.Linear(config.hidden_size, EMPTY + 1)
         self.red_head = nn.Linear(config.hidden_size, 2)
+        self.column_head = nn.Linear(config.hidden_size, GRID) if learn_columns else None
 
     def forward(self, pixel_values, item_labels, red_labels):
         states = self.tower(pixel_values).last_hidden_state
         loss = nn.functional.cross_entropy(self.item_head(states).flatten(0, 1), item_labels.flatten())
         loss = loss + nn.functional.cross_entropy(self.red_head(states).flatten(0, 1), red_labels.flatten())
+        if self.column_head is not None:
+            columns = torch.arange(GRID, device=states.device).repeat(GRID).expand(len(states), -1)
+            loss = loss + nn.functional.cross_entropy(self.column_head(states).flatten(0, 1), columns.flatten())
         return {"loss": loss}
 
 
@@ -65,11 +70,11 @@ class PatchDataset(torch.utils.data.Dataset):
 
 
 def pretrain_tower(
-    train: list[Sample], test: list[Sample], steps: int, output_dir: str, seed: int = 0
+    train: list[Sample], test: list[Sample], steps: int, output_dir: str, learn_columns: bool = False, seed: int = 0
 ) -> tuple[SiglipVisionModel, float]:
     """Train the tower on patch classification for `steps` steps; return it frozen, with its held-out item accuracy."""
     torch.manual_seed(seed)
-    classifier = PatchClassifier(tower_config())
+    classifier = PatchClassifier(tower_config(), learn_columns)
     arguments = TrainingArguments(
         output_dir=output_dir,
         max_steps=steps,
