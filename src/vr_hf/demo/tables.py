@@ -201,7 +201,7 @@ def plot(table: Table, summary: dict[str, list[dict]], prior: float, path: str):
     bars = [name for name in ("ceiling", "baseline", "model") if name in rows[0]["accuracy"]]
     names = {"ceiling": "uncompressed (1/1)", "baseline": "pooling", "model": table.model_column}
     width = 0.8 / len(bars)
-    figure, axis = plt.subplots(figsize=(max(4.0, 1.1 * len(rows) + 1.5), 3.4))
+    figure, axis = plt.subplots(figsize=(max(4.0, 1.1 * len(rows) + 1.5), 3.8))
     for index, bar in enumerate(bars):
         positions = [column + (index - (len(bars) - 1) / 2) * width for column in range(len(rows))]
         means = [row["accuracy"][bar] for row in rows]
@@ -218,7 +218,7 @@ def plot(table: Table, summary: dict[str, list[dict]], prior: float, path: str):
     axis.set_ylabel("held-out accuracy (%)")
     axis.set_ylim(0, 105)
     axis.set_title(table.title, fontsize=9)
-    axis.legend(fontsize=7, loc="lower left", ncol=2)
-    figure.tight_layout()
+    figure.legend(fontsize=7, loc="lower center", ncol=len(bars) + 1, frameon=False)
+    figure.tight_layout(rect=(0, 0.08, 1, 1))  # the legend sits below the axes, off the bars
     figure.savefig(path, dpi=120)
     plt.close(figure)
