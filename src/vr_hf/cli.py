@@ -16,6 +16,7 @@ EXAMPLES = """examples:
   vr-hf --ratios 1/4 1/9 1/16 --seeds 0 1 2
   vr-hf --table 2                          the paper's Table 2 in miniature: 1/4, 1/9, 1/16 and the ceiling, 3 seeds
   vr-hf --table 5                          the paper's Table 5a-b in miniature: components, interaction
+  vr-hf --table 2 5                        both, on the graded word task: about 70 minutes on 2 CPU cores
   vr-hf --decoder smollm2                  a real pretrained decoder (SmolLM2-135M-Instruct), frozen
 
 evaluation with lmms-eval (vr-hf evaluate --help):
