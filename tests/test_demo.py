@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
 
 from vr_hf.cli import downsample_factor, main
-from vr_hf.demo import decoders, tables
+from vr_hf.demo import decoders, feature_probe, tables
 from vr_hf.demo.tasks import (
     CELL,
     COLUMNS,
@@ -196,3 +196,18 @@ def test_table_5_trains_every_ablation_and_writes_its_table(tmp_path, capsys):
 
     main(arguments + ["--tower-steps", "2", "--batch-size", "4", "--output-dir", str(output)])
     assert "Reusing 8 models" in capsys.readouterr().out, "a second run resumes from the finished models"
+
+
+def test_the_attention_probe_finds_the_one_token_that_answers_and_no_answer_in_noise():
+    """Every token names a label (one-hot), and one marked token, at a random place, names the image's: the probe
+    must attend to it, as an average of the tokens does not tell. With labels that nothing in the features says, it
+    must stay near chance (1/4)."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(4, (1200,), generator=generator)
+    tokens = torch.nn.functional.one_hot(torch.randint(4, (1200, 9), generator=generator), 8).float()
+    place, images = torch.randint(9, (1200,), generator=generator), torch.arange(1200)
+    tokens[images, place] = torch.nn.functional.one_hot(labels, 8).float()
+    tokens[images, place, 4] = 3.0  # the marker the query must learn to attend to
+    assert feature_probe.attention_probe(tokens[:1000], labels[:1000], tokens[1000:], labels[1000:], 300) > 0.95
+    shuffled = labels[torch.randperm(1200, generator=generator)]
+    assert feature_probe.attention_probe(tokens[:1000], shuffled[:1000], tokens[1000:], shuffled[1000:], 300) < 0.4
