@@ -89,7 +89,7 @@ def run_job(job: Job, settings: Settings, tower_dir: str, queue) -> dict:
     train = experiment.AnswerDataset(make_split(settings.train_size, job.seed, settings.task), processor)
     run = experiment.RunSettings(settings.steps, settings.batch_size, settings.learning_rate, job.seed)
     experiment.train(model, train, run, scratch, processor.tokenizer.pad_token_id, [StepReporter(queue)])
-    correct = experiment.correct_by_task(model, processor, held_out_split(settings))
+    correct = experiment.correct_by_task(model, processor, held_out_split(settings), questions(settings))
     if job.save_to:
         model.save_pretrained(job.save_to)
         processor.save_pretrained(job.save_to)
@@ -98,6 +98,10 @@ def run_job(job: Job, settings: Settings, tower_dir: str, queue) -> dict:
     result["training_settings"] = training_settings(settings)
     (Path(scratch) / "result.json").write_text(json.dumps(result))
     return result
+
+
+def questions(settings: Settings) -> dict[str, str]:
+    return FAMILIES[settings.task].questions
 
 
 def held_out_split(settings: Settings):
@@ -182,7 +186,7 @@ def write_results(results: list[dict], settings: Settings) -> str:
     """Each requested table as Markdown (printed and `<table>.md`), a plot (`<table>.png`) and raw JSON
     (`<table>.json`: the settings, every run's per-question answers and the summary)."""
     test = held_out_split(settings)
-    prior_by_task = experiment.answer_prior(test)
+    prior_by_task = experiment.answer_prior(test, questions(settings))
     prior = sum(prior_by_task.values()) / len(prior_by_task)
     output, texts = Path(settings.output_dir), []
     for table in requested_tables(settings):

@@ -93,12 +93,15 @@ def train(model, dataset: AnswerDataset, settings: RunSettings, output_dir: str,
 
 
 @torch.no_grad()
-def correct_by_task(model, processor, samples: list[Sample], batch_size: int = 64) -> dict[str, list[bool]]:
-    """Whether each held-out sample gets its exact answer (greedy), per question type, in order."""
+def correct_by_task(
+    model, processor, samples: list[Sample], questions: dict[str, str], batch_size: int = 64
+) -> dict[str, list[bool]]:
+    """Whether each held-out sample gets its exact answer (greedy), per question type in `questions`' order (its
+    family's: type -> question), samples in order."""
     correct = {}
-    for task in dict.fromkeys(sample.task for sample in samples):
+    for task, question in questions.items():
         task_samples = [sample for sample in samples if sample.task == task]
-        prompt = processor.apply_chat_template(conversation(task_samples[0].question), add_generation_prompt=True)
+        prompt = processor.apply_chat_template(conversation(question), add_generation_prompt=True)
         correct[task] = []
         for start in range(0, len(task_samples), batch_size):
             batch = task_samples[start : start + batch_size]
@@ -110,11 +113,11 @@ def correct_by_task(model, processor, samples: list[Sample], batch_size: int = 6
     return correct
 
 
-def answer_prior(samples: list[Sample]) -> dict[str, float]:
+def answer_prior(samples: list[Sample], questions: dict[str, str]) -> dict[str, float]:
     """Accuracy of always giving each question type's most frequent answer: what a model that ignores the image
     reaches."""
     result = {}
-    for task in dict.fromkeys(sample.task for sample in samples):
+    for task in questions:
         answers = [sample.answer for sample in samples if sample.task == task]
         result[task] = max(answers.count(answer) for answer in set(answers)) / len(answers)
     return result
