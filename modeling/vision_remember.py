@@ -557,12 +557,11 @@ class VisionRemember(nn.Module):
         window_index = concat_windows(windows, feature_counts)
         window_mask = window_index >= 0
         windowed = window_mask.any(dim=1)
-        window_mask[:, 0] |= ~windowed  # a row with nothing to attend to would give NaN
-        on_host = dict(
-            window_index=window_index.clamp(min=0),  # holes read feature row 0, and are masked out
-            window_mask=window_mask,
-            windowed=windowed[:, None].to(features.dtype),
-        )
+        on_host = {"windowed": windowed[:, None].to(features.dtype)}
+        if self.config.interaction != "global":  # global attention reads whole images, not windows
+            window_mask[:, 0] |= ~windowed  # a row with nothing to attend to would give NaN
+            on_host["window_index"] = window_index.clamp(min=0)  # holes read feature row 0, and are masked out
+            on_host["window_mask"] = window_mask
         on_device = to_device(on_host, features.device)
         context = RememberContext(
             vision_remember=self, layout=layout, windowed=on_device["windowed"], stand_in=stand_in

@@ -24,7 +24,7 @@ from vr_hf.demo.tasks import (
     make_split,
     make_word_sample,
 )
-from vr_hf.demo.tower import PatchClassifier, tower_config
+from vr_hf.demo.tower import PatchClassifier, PatchDataset, tower_config
 from vr_hf.training import trainable_parts
 
 
@@ -83,12 +83,8 @@ def test_the_tower_learns_each_patchs_column_where_asked():
     with_columns = PatchClassifier(tower_config(), learn_columns=True)
     without = PatchClassifier(tower_config())
     without.load_state_dict(with_columns.state_dict(), strict=False)
-    samples = make_split(2, seed=0, family="word")
-    batch = {
-        "pixel_values": torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1,
-        "item_labels": torch.tensor(np.stack([s.cell_items.reshape(-1) for s in samples])),
-        "red_labels": torch.tensor(np.stack([s.cell_red.reshape(-1) for s in samples])).long(),
-    }
+    data = PatchDataset(make_split(2, seed=0, family="word"))
+    batch = {"pixel_values": data.pixel_values, "item_labels": data.item_labels, "red_labels": data.red_labels}
     with torch.no_grad():
         states = with_columns.tower(batch["pixel_values"]).last_hidden_state
         logits = with_columns.column_head(states).reshape(2, GRID, GRID, GRID)  # (image, row, column, class)
@@ -212,3 +208,16 @@ def test_the_attention_probe_finds_the_one_token_that_answers_and_no_answer_in_n
     assert feature_probe.attention_probe(tokens[:1000], labels[:1000], tokens[1000:], labels[1000:], 300) > 0.95
     shuffled = labels[torch.randperm(1200, generator=generator)]
     assert feature_probe.attention_probe(tokens[:1000], shuffled[:1000], tokens[1000:], shuffled[1000:], 300) < 0.4
+
+
+def test_the_probe_pools_the_tower_features_the_projector_reads_over_each_window():
+    """Token (i, j) at side 3 is the mean of the last hidden layer's patches [3i:3i+3, 3j:3j+3], row-major."""
+    torch.manual_seed(0)
+    tower = SiglipVisionModel(tower_config()).eval()
+    samples = make_split(2, seed=0, family="word")
+    pooled = feature_probe.pooled_features(tower, samples, 3)
+    with torch.no_grad():
+        states = tower(feature_probe.pixel_values(samples), output_hidden_states=True).hidden_states[-1]
+    patches = states.view(2, GRID, GRID, -1)
+    assert pooled.shape == (2, 16, states.shape[-1])
+    torch.testing.assert_close(pooled[:, 1 * 4 + 2], patches[:, 3:6, 6:9].mean(dim=(1, 2)))

@@ -72,7 +72,9 @@ def parse_arguments(argv=None) -> Settings:
     )
     parser.add_argument("--seeds", nargs="+", type=int, help="training seeds (default 0; 0 1 2 for --table 2 and 5)")
     parser.add_argument(
-        "--steps", type=int, help=f"training steps per model (default {defaults.steps}; 1000 for --table 2 and 5)"
+        "--steps",
+        type=int,
+        help=f"training steps per model (default {defaults.steps}; {TABLE_DEFAULTS['steps']} for --table 2 and 5)",
     )
     parser.add_argument(
         "--learning-rate",

@@ -15,8 +15,9 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 from transformers import SiglipVisionModel
 
+from ..modeling.projectors import from_grid, to_grid
 from .compare import TEST_SEED
-from .tasks import FAMILIES, GRID, make_split
+from .tasks import FAMILIES, make_split
 from .tower import pixel_values
 
 
@@ -27,8 +28,7 @@ def pooled_features(tower: SiglipVisionModel, samples, side: int) -> torch.Tenso
     """`(images, tokens, channels)`: the tower's last hidden layer, as the projector reads it, pooled `side x side`."""
     with torch.no_grad():
         states = tower(pixel_values(samples), output_hidden_states=True).hidden_states[-1]
-    grid = states.transpose(1, 2).unflatten(2, (GRID, GRID))
-    return F.avg_pool2d(grid, side).flatten(2).transpose(1, 2)
+    return from_grid(F.avg_pool2d(to_grid(states), side))
 
 
 def attention_probe(

@@ -9,10 +9,10 @@ Two families:
   A token pooled over an `s x s` window always mixes the red item with `s² - 1` neighbours, so pooling loses the
   answer entirely.
 - `word` (Tables 2 and 5): a row of three letters on blank paper, one of them red. Its question types:
-  - `which`: "Which letter is red?" Pooling loses the answer only where another letter shares the red one's window,
-    more often the larger the window.
-  - `column`, position-grounded: "In which column (a to l) is the red letter?" A pooled token knows its window, not
-    the column inside it.
+  - `which`: "Which letter is red?" The answer is sure to survive pooling only where no other letter shares the red
+    one's window, which is rarer the larger the window.
+  - `column`, position-grounded: "In which column (a to l) is the red letter?" A pooled token knows its window; the
+    column inside it survives only as far as the tower's features tie position to what a patch holds.
 
 Each item fills one vision patch, so one full-resolution patch identifies it: the detail Vision Remember exists to
 recover. The cell layout is also returned, for pretraining the vision tower on patch-level classification.
