@@ -12,8 +12,7 @@ import torch
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
@@ -42,12 +41,12 @@ class VisionRememberModelOutputWithPast(BaseModelOutputWithPast):
 
 
 @dataclass
-class VisionRememberCausalLMOutputWithPast(ModelOutput):
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor] | None = None
-    attentions: tuple[torch.FloatTensor] | None = None
+class VisionRememberCausalLMOutputWithPast(CausalLMOutputWithPast):
+    r"""
+    image_hidden_states (`torch.FloatTensor`, *optional*):
+        The vision tokens of every image, `(num_vision_tokens, hidden_size)`, as they enter the decoder.
+    """
+
     image_hidden_states: torch.FloatTensor | None = None
 
 
@@ -56,7 +55,6 @@ class VisionRememberPreTrainedModel(VisionRememberPreTrainedMixin, PreTrainedMod
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = True
@@ -185,7 +183,6 @@ class EfficientLlavaModel(VisionRememberPreTrainedModel):
         image_sizes: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         mm_encoder_outputs: dict[str, RememberImageOutputs] | None = None,
@@ -205,18 +202,11 @@ class EfficientLlavaModel(VisionRememberPreTrainedModel):
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
         )
-        return VisionRememberModelOutputWithPast(
-            last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_hidden_states=tokens,
-        )
+        return VisionRememberModelOutputWithPast(**outputs, image_hidden_states=tokens)
 
 
 class VisionRememberModel(VisionRememberModelMixin, EfficientLlavaModel):
@@ -259,7 +249,6 @@ class VisionRememberForConditionalGeneration(
         image_sizes: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         prompt_mask: torch.Tensor | None = None,
@@ -282,7 +271,6 @@ class VisionRememberForConditionalGeneration(
             image_sizes=image_sizes,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             prompt_mask=prompt_mask,
             use_cache=use_cache,
@@ -296,14 +284,8 @@ class VisionRememberForConditionalGeneration(
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
-        return VisionRememberCausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_hidden_states=outputs.image_hidden_states,
-        )
+        rest = {name: value for name, value in outputs.items() if name != "last_hidden_state"}
+        return VisionRememberCausalLMOutputWithPast(loss=loss, logits=logits, **rest)
 
 
 __all__ = ["VisionRememberModel", "VisionRememberForConditionalGeneration", "VisionRememberPreTrainedModel"]
