@@ -128,15 +128,17 @@ class EfficientLlavaModel(VisionRememberPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         image_sizes: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> RememberImageOutputs:
         """Run the vision tower and projector and lay the tokens out per image (`pooler_output`); with Vision Remember,
         also keep each image's multi-level features and its tokens' windows of them. The tower's `hidden_states` and
-        `attentions` are returned where asked for (arguments, or the config)."""
+        `attentions` are returned where asked for (`output_hidden_states`, `output_attentions`, or the config).
+
+        Like the native `get_image_features`, this names no `output_*` argument: `generate()` hands an encoder the
+        arguments its signature names and keeps them from the decoder."""
         sizes = self.image_sizes_list(pixel_values, image_sizes)
         views = self.flatten_views(pixel_values, sizes).to(self.vision_tower.dtype)
+        output_attentions = kwargs.get("output_attentions")
         tower_arguments = {} if output_attentions is None else {"output_attentions": output_attentions}
         outputs = self.vision_tower(views, output_hidden_states=True, **tower_arguments)
         hidden_states = outputs.hidden_states
@@ -148,7 +150,7 @@ class EfficientLlavaModel(VisionRememberPreTrainedModel):
         tokens = tokens + sum(output.sum() for output in unread) * 0
         views_per_image = [self.image_layout.num_views(size) for size in sizes]
         per_image = zip(tokens.split(views_per_image), sizes)
-        keep_hidden_states = output_hidden_states or self.config.vision_config.output_hidden_states
+        keep_hidden_states = kwargs.get("output_hidden_states") or self.config.vision_config.output_hidden_states
         image_outputs = RememberImageOutputs(
             last_hidden_state=outputs.last_hidden_state,
             pooler_output=tuple(self.image_layout.pack(image, size, self.image_newline) for image, size in per_image),

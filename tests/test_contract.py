@@ -332,3 +332,51 @@ def test_the_decoder_with_vision_remember_compiles_as_one_graph(name, graft_fold
         finally:
             decoder._compiled_call_impl = None  # back to eager
     torch.testing.assert_close(compiled, expected)
+
+
+DECODING_MODES = {
+    "greedy": dict(do_sample=False),
+    "sampling": dict(do_sample=True),
+    "beams": dict(num_beams=2),
+    "assisted": dict(do_sample=False),
+    "compiled": dict(do_sample=False, cache_implementation="static"),
+}
+
+
+@pytest.mark.parametrize("mode", DECODING_MODES)
+def test_generation_returns_attentions_and_hidden_states_per_step(family, mode):
+    """`output_attentions` and `output_hidden_states` through `generate()`, as native VLMs return them: one tuple per
+    generated token, each with the decoder's per-layer attentions over the prompt (first step) or the new token."""
+    inputs = family.inputs(family.images(1), generation_prompt=mode != "assisted")
+    settings = dict(DECODING_MODES[mode])
+    if mode == "assisted":
+        if family.name == "minicpmv4_6":
+            pytest.skip("its Qwen3.5 decoder keeps a recurrent state: Transformers refuses assistants")
+        settings["assistant_model"] = family.fresh()
+        settings["assistant_model"].generation_config.suppress_tokens = [family.model.config.image_token_id]
+    if mode == "compiled":
+        settings["compile_config"] = CompileConfig(backend="eager", fullgraph=True)
+        settings["compile_config"]._compile_all_devices = True
+    model = family.model
+    model.set_attn_implementation("eager")
+    try:
+        output = model.generate(
+            **inputs,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            output_attentions=True,
+            output_hidden_states=True,
+            return_dict_in_generate=True,
+            **settings,
+        )
+    finally:
+        model.set_attn_implementation("sdpa")
+    text_config = model.config.text_config
+    prompt_length = inputs["input_ids"].shape[1]
+    assert len(output.attentions) == len(output.hidden_states) == NEW_TOKENS
+    for step, (attentions, hidden_states) in enumerate(zip(output.attentions, output.hidden_states)):
+        assert len(hidden_states) == text_config.num_hidden_layers + 1
+        assert attentions and all(layer.shape[1] == text_config.num_attention_heads for layer in attentions)
+        queries = attentions[0].shape[2]
+        assert queries == prompt_length if step == 0 else queries >= 1
+        assert hidden_states[0].shape[1] == queries
