@@ -33,20 +33,26 @@ from .projectors import PerceiverProjector, build_projector
 @dataclass
 class VisionRememberModelOutputWithPast(BaseModelOutputWithPast):
     r"""
+    image_outputs (`RememberImageOutputs`, *optional*):
+        What `get_image_features` returned for the images of this forward; `None` without images.
     image_hidden_states (`torch.FloatTensor`, *optional*):
         The vision tokens of every image, `(num_vision_tokens, hidden_size)`, as they enter the decoder.
     """
 
+    image_outputs: RememberImageOutputs | None = None
     image_hidden_states: torch.FloatTensor | None = None
 
 
 @dataclass
 class VisionRememberCausalLMOutputWithPast(CausalLMOutputWithPast):
     r"""
+    image_outputs (`RememberImageOutputs`, *optional*):
+        What `get_image_features` returned for the images of this forward; `None` without images.
     image_hidden_states (`torch.FloatTensor`, *optional*):
         The vision tokens of every image, `(num_vision_tokens, hidden_size)`, as they enter the decoder.
     """
 
+    image_outputs: RememberImageOutputs | None = None
     image_hidden_states: torch.FloatTensor | None = None
 
 
@@ -208,7 +214,7 @@ class EfficientLlavaModel(VisionRememberPreTrainedModel):
             use_cache=use_cache,
             **kwargs,
         )
-        return VisionRememberModelOutputWithPast(**outputs, image_hidden_states=tokens)
+        return VisionRememberModelOutputWithPast(**outputs, image_outputs=images, image_hidden_states=tokens)
 
 
 class VisionRememberModel(VisionRememberModelMixin, EfficientLlavaModel):

@@ -1,17 +1,28 @@
-"""Transformers' own common model tests (`ModelTesterMixin`, `ConfigTester`), applied to LLaVA-VR the way Transformers
-applies them to LLaVA-NeXT. The suites are vendored unchanged in `tests/transformers_common/` (see its README)."""
+"""Transformers' own common model tests (`ModelTesterMixin`, `GenerationTesterMixin`, `ConfigTester`), applied to
+LLaVA-VR the way Transformers applies them to LLaVA-NeXT. They come from the source distribution of the Transformers
+under test (`transformers_suites`)."""
 
 import unittest
 from contextlib import contextmanager
 from unittest.mock import patch
 
 import torch
-from transformers_common.test_configuration_common import ConfigTester
-from transformers_common.test_modeling_common import ModelTesterMixin, floats_tensor, ids_tensor
 
 from vr_hf import VisionRememberConfig, VisionRememberForConditionalGeneration, VisionRememberModel
 from vr_hf.modeling.image_layout import ImageLayout
 from vr_hf.tiny import tiny_config
+
+import transformers_suites
+
+
+modeling_common = transformers_suites.load("test_modeling_common")
+ConfigTester = transformers_suites.load("test_configuration_common").ConfigTester
+GenerationTesterMixin = transformers_suites.load("generation.test_utils").GenerationTesterMixin
+ModelTesterMixin, floats_tensor, ids_tensor = (
+    modeling_common.ModelTesterMixin,
+    modeling_common.floats_tensor,
+    modeling_common.ids_tensor,
+)
 
 
 IMAGE_SIZES = [(36, 36), (20, 72), (72, 20)]  # one per sample: AnyRes tiles, unpadded rows and columns
@@ -71,7 +82,7 @@ class VisionRememberModelTester:
         return config, inputs
 
 
-class VisionRememberForConditionalGenerationModelTest(ModelTesterMixin, unittest.TestCase):
+class VisionRememberForConditionalGenerationModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.TestCase):
     all_model_classes = (VisionRememberModel, VisionRememberForConditionalGeneration)
     pipeline_model_mapping = {"image-text-to-text": VisionRememberForConditionalGeneration}
     test_pruning = False
@@ -111,10 +122,3 @@ class VisionRememberForConditionalGenerationModelTest(ModelTesterMixin, unittest
     def test_training_gradient_checkpointing_use_reentrant_true(self):
         with self.head_only():
             super().test_training_gradient_checkpointing_use_reentrant_true()
-
-    @unittest.skip(
-        "GenerationTesterMixin is not in Transformers' source distribution (see transformers_common/README.md); the "
-        "generation paths are tested in tests/test_contract.py"
-    )
-    def test_generation_tester_mixin_inheritance(self):
-        pass
