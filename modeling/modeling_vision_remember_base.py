@@ -224,17 +224,15 @@ class VisionRememberPreTrainedMixin:
 
     @torch.no_grad()
     def _init_weights(self, module):
-        super()._init_weights(module)
-        init_vision_remember_weights(module, self.config.identity_init)
-
-    def _initialize_weights(self, module, is_custom_code: bool = False):
-        """Vision Remember's weights draw from a random stream of their own (`VisionRemember.own_random_stream`)."""
+        """The backbone's initialisation, then Vision Remember's own; Vision Remember's weights draw from a random
+        stream of their own (`VisionRemember.own_random_stream`)."""
         remember = getattr(self, "vision_remember", None)
         if remember is None or not any(module is part for part in remember.modules()):
-            return super()._initialize_weights(module, is_custom_code)
+            return super()._init_weights(module)
         device = next(module.parameters(recurse=False), torch.empty(0)).device
         with remember.own_random_stream(device):
-            super()._initialize_weights(module, is_custom_code)
+            super()._init_weights(module)
+        init_vision_remember_weights(module, self.config.identity_init)
 
 
 class VisionRememberModelMixin(VisionRememberPreTrainedMixin):
