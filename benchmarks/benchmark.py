@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from vr_hf import VisionRememberConfig, VisionRememberForConditionalGeneration
 from vr_hf.modeling.image_layout import ImageLayout, image_windows
@@ -46,6 +47,8 @@ from vr_hf.modeling.vision_remember import (
 )
 
 
+# The KV cache's name in outputs and arguments: Transformers 5.24 renamed `past_key_values` to `cache`.
+CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 RATIOS = [1, 2, 3, 4]  # downsample factors: 1/1 (uncompressed), 1/4, 1/9, 1/16
 PROMPT_TEXT, ANSWER_TEXT = 24, 16  # text tokens around the image: prompt and (for training) answer
 # Rounds per repeat of each measurement: every round times each model once, so that a machine that slows down for a
@@ -214,7 +217,7 @@ class Runner:
             nonlocal output
             for _ in range(self.setup.decode_tokens):
                 token = output.logits[:, -1:].argmax(-1)
-                output = self.model(input_ids=token, past_key_values=output.past_key_values, use_cache=True)
+                output = self.model(input_ids=token, **{CACHE: output[CACHE]}, use_cache=True)
 
         return seconds(steps, self.setup.device)
 
@@ -327,8 +330,9 @@ def measure_block_graph(setup: Setup, downsample_factor: int) -> dict:
     length = PROMPT_TEXT + len(windows[0])
     placeholders = torch.zeros(1, length, dtype=torch.bool)
     placeholders[0, 8 : 8 + len(windows[0])] = True
-    guidance = (~placeholders).to(setup.device)
-    token_layout = TokenLayout.from_placeholders(placeholders, guidance, setup.device)
+    token_layout = TokenLayout.from_turns(
+        placeholders, torch.zeros(1, length, dtype=torch.long), ~placeholders, setup.device
+    )
     hidden_states = torch.randn(1, length, config.text_config.hidden_size).to(setup.device, setup.dtype)
     block = module.layers[str(config.remember_after_layers[0])]
 

@@ -25,12 +25,12 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, logging
 
+from .conversation_turns import PromptTurns
 from .vision_remember import TokenLayout, VisionRemember, fork_rng_on, init_vision_remember_weights
 
 
 logger = logging.get_logger(__name__)
 
-IGNORE_INDEX = -100
 REFUSED_WITH_IMAGES = {
     "prefill_chunk_size": "its text-guided token pools the whole prompt, so the prompt must be read in one prefill "
     "(generate with prefill_chunk_size=None)",
@@ -101,71 +101,6 @@ def check_image_tokens(placeholders: torch.Tensor, tokens_per_image: list[int]):
                 f"({tokens_per_image} tokens per image). The text was probably truncated inside an image placeholder: "
                 "raise max_length, or truncate before the image."
             )
-
-
-def before_last_generation_prompt(input_ids: torch.Tensor, prompt_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(batch, sequence)` True up to the end of each sample's last `prompt_ids`, and `(batch,)` whether it has one."""
-    width = len(prompt_ids)
-    if input_ids.shape[1] < width:
-        return torch.ones_like(input_ids, dtype=torch.bool), input_ids.new_zeros(len(input_ids), dtype=torch.bool)
-    windows = input_ids.unfold(1, width, 1)
-    found = (windows == torch.tensor(prompt_ids, device=input_ids.device)).all(dim=-1)
-    ends = torch.arange(width, input_ids.shape[1] + 1, device=input_ids.device)
-    end = torch.where(found, ends, 0).amax(dim=1)
-    has_prompt = found.any(dim=1)
-    end = torch.where(has_prompt, end, input_ids.shape[1])
-    return torch.arange(input_ids.shape[1], device=input_ids.device)[None] < end[:, None], has_prompt
-
-
-def guidance_mask(
-    config,
-    input_ids: torch.Tensor | None,
-    placeholders: torch.Tensor,
-    attention_mask: torch.Tensor | dict | None,
-    labels: torch.Tensor | None,
-    prompt_mask: torch.Tensor | None,
-    has_vision_tokens: torch.Tensor,
-) -> torch.Tensor:
-    """The `(batch, sequence)` positions whose hidden states feed the text-guided token: each sample's prompt text.
-
-    Placeholders (of every modality) and padding never feed it, and neither does any text after the prompt, which is:
-    - with `labels`, the text before each sample's first supervised token, so that no answer is pooled in training;
-    - with `prompt_mask` (which `generate()` sets to the prompt it was given), the positions it marks;
-    - otherwise the text up to the end of each sample's last generation prompt (`config.generation_prompt_ids`), so
-      that a continuation scored after a chat prompt never feeds it. A sample without one pools all of its text, and
-      a warning says so once.
-    `has_vision_tokens` (`(batch,)`, on the host) says which samples' guidance matters, for the warnings.
-    """
-    mask = ~placeholders
-    video_token_id = getattr(config, "video_token_id", None)
-    if input_ids is not None and video_token_id is not None:
-        mask &= input_ids != video_token_id
-    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
-        mask &= attention_mask.bool()
-    if prompt_mask is not None:
-        prompt_mask = prompt_mask.bool()[:, : mask.shape[1]]
-        mask &= nn.functional.pad(prompt_mask, (0, mask.shape[1] - prompt_mask.shape[1]), value=False)
-    if labels is not None:
-        mask &= (labels != IGNORE_INDEX).cumsum(dim=-1) == 0
-        if not torch.compiler.is_compiling() and bool((~mask.any(dim=1)).cpu()[has_vision_tokens].any()):
-            logger.warning_once(
-                "The labels supervise a sample with images from its first text token, so no prompt text feeds its "
-                "text-guided token in training, while at inference its prompt does: supervise the answers only "
-                "(labels -100 on the prompt, or SFTConfig(assistant_only_loss=True))."
-            )
-    elif prompt_mask is None:
-        prompt_ids, has_prompt = config.generation_prompt_ids, None
-        if input_ids is not None and prompt_ids:
-            before, has_prompt = before_last_generation_prompt(input_ids, prompt_ids)
-            mask &= before
-        unknown = has_vision_tokens if has_prompt is None else has_vision_tokens & ~has_prompt.cpu()
-        if not torch.compiler.is_compiling() and bool(unknown.any()):
-            logger.warning_once(
-                "Vision Remember cannot tell where the prompt of a sample ends (it has no generation prompt "
-                f"{prompt_ids} in input_ids), so all of its text feeds the text-guided token, a continuation scored "
-                "after the prompt included: pass labels (-100 on the prompt) or prompt_mask (True on the prompt)."
-            )
-    return mask
 
 
 def hand_labels_to_model(module, args, kwargs):
@@ -278,11 +213,15 @@ class VisionRememberModelMixin(VisionRememberPreTrainedMixin):
         if pixel_values is not None and images is not None:
             raise ValueError("Pass either pixel_values or mm_encoder_outputs['image'], not both.")
         if pixel_values is not None and len(pixel_values) > 0 or images is not None:
-            placeholders, on_host = self.read_placeholders(input_ids, inputs_embeds, pixel_values, images, kwargs)
+            labels = labels if labels is not None else self.caller_labels
+            turns = self.read_turns(
+                input_ids, inputs_embeds, pixel_values, images, kwargs, attention_mask, labels, prompt_mask
+            )
             layout = None
             if self.vision_remember is not None:
-                labels = labels if labels is not None else self.caller_labels
-                layout = self.token_layout(on_host, placeholders, input_ids, attention_mask, labels, prompt_mask)
+                turns.warn_where_unclear(self.config, labels is not None, prompt_mask is not None)
+                pooled = turns.pooled if self.vision_remember.text_guidance else None
+                layout = TokenLayout.from_turns(turns.placeholders, turns.turns, pooled, self.device)
             if images is None:
                 images = self.encode_images(pixel_values, **kwargs)
                 mm_encoder_outputs, pixel_values = {**(mm_encoder_outputs or {}), "image": images}, None
@@ -306,14 +245,31 @@ class VisionRememberModelMixin(VisionRememberPreTrainedMixin):
             **kwargs,
         )
 
-    def read_placeholders(self, input_ids, inputs_embeds, pixel_values, images, kwargs: dict) -> tuple:
-        """The `(batch, sequence)` image placeholders on the device and on the host (the one read from the device, so
-        that nothing after it waits on the device), checked against the images before any of them is encoded."""
+    def read_turns(
+        self,
+        input_ids,
+        inputs_embeds,
+        pixel_values,
+        images,
+        kwargs: dict,
+        attention_mask=None,
+        labels=None,
+        prompt_mask=None,
+    ) -> PromptTurns:
+        """The batch's image placeholders and prompt turns, read from the device once (nothing after this waits on
+        the device), the placeholders checked against the images before any of them is encoded."""
         placeholders = placeholder_mask(self, input_ids, inputs_embeds)
-        on_host = placeholders.cpu()
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.shape[-1] != placeholders.shape[1]:
+            raise ValueError(
+                f"The images came with {placeholders.shape[1]} tokens and an attention mask over "
+                f"{attention_mask.shape[-1]}: images cannot continue a cached sequence, since Vision Remember reads "
+                "their turn's whole prompt in the forward that encodes them. Pass the whole conversation with all its "
+                "images in one forward, or generate() from it."
+            )
+        turns = PromptTurns.read(self.config, placeholders, input_ids, attention_mask, labels, prompt_mask)
         counts = self.image_token_counts(pixel_values, **kwargs) if images is None else images.token_counts()
-        check_image_tokens(on_host, counts)
-        return placeholders, on_host
+        check_image_tokens(turns.placeholders, counts)
+        return turns
 
     def run_stand_in_image(self, input_ids, inputs_embeds, kwargs: dict) -> torch.Tensor:
         """A training batch without images runs the vision path anyway, on a stand-in image and with zero weight, in
@@ -325,23 +281,15 @@ class VisionRememberModelMixin(VisionRememberPreTrainedMixin):
         if self.vision_remember is not None:
             placeholders = torch.zeros(len(input_ids if input_ids is not None else inputs_embeds), 1, dtype=torch.bool)
             placeholders[0, 0] = True  # one stand-in token, where the first sample starts; its updates are zero
-            device = zero.device
-            guidance = placeholders.to(device) if self.vision_remember.text_guidance else None
-            layout = TokenLayout.from_placeholders(placeholders, guidance, device)
+            pooled = placeholders if self.vision_remember.text_guidance else None
+            layout = TokenLayout.from_turns(
+                placeholders, torch.zeros(placeholders.shape, dtype=torch.long), pooled, zero.device
+            )
             features, windows = images.remember_features[:1], [images.window_index[0][:1]]
             kwargs["vision_remember"] = self.vision_remember.prepare(layout, features, windows, stand_in=zero)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         return inputs_embeds + zero
-
-    def token_layout(self, on_host, placeholders, input_ids, attention_mask, labels, prompt_mask) -> TokenLayout:
-        guidance = None
-        if self.vision_remember.text_guidance:
-            has_vision_tokens = on_host.any(dim=1)
-            guidance = guidance_mask(
-                self.config, input_ids, placeholders, attention_mask, labels, prompt_mask, has_vision_tokens
-            )
-        return TokenLayout.from_placeholders(on_host, guidance, placeholders.device)
 
 
 class VisionRememberForConditionalGenerationMixin(VisionRememberPreTrainedMixin):
@@ -367,7 +315,7 @@ class VisionRememberForConditionalGenerationMixin(VisionRememberPreTrainedMixin)
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         if pre_encoded is None:  # generation encodes the images before its first forward: check them before that
             rest = {key: value for key, value in kwargs.items() if key not in ("input_ids", "inputs_embeds")}
-            self.model.read_placeholders(input_ids, kwargs.get("inputs_embeds"), rest.pop("pixel_values"), None, rest)
+            self.model.read_turns(input_ids, kwargs.get("inputs_embeds"), rest.pop("pixel_values"), None, rest)
         prompt = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if "prompt_mask" not in kwargs and prompt is not None:
             attention_mask = kwargs.get("attention_mask")

@@ -257,10 +257,12 @@ def concat_windows(windows: list[torch.Tensor], feature_counts: list[int]) -> to
     )
 
 
-def to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def to_device(tensors: dict[str, torch.Tensor | None], device: torch.device) -> dict[str, torch.Tensor | None]:
     """Small host tensors on `device`, in one copy that does not wait for the work queued there: their bytes are
-    packed into one pinned buffer (each at a multiple of 8 bytes, so that any dtype views it) and split there."""
-    chunks = [tensor.contiguous().view(-1).view(torch.uint8) for tensor in tensors.values()]
+    packed into one pinned buffer (each at a multiple of 8 bytes, so that any dtype views it) and split there. None
+    stays None."""
+    present = {name: tensor for name, tensor in tensors.items() if tensor is not None}
+    chunks = [tensor.contiguous().view(-1).view(torch.uint8) for tensor in present.values()]
     starts = [0]
     for chunk in chunks:
         starts.append(starts[-1] + -(-len(chunk) // 8) * 8)
@@ -268,10 +270,11 @@ def to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[st
     for chunk, start in zip(chunks, starts):
         buffer[start : start + len(chunk)] = chunk
     buffer = buffer.to(device, non_blocking=True)
-    return {
+    moved = {
         name: buffer[start : start + len(chunk)].view(tensor.dtype).view(tensor.shape)
-        for (name, tensor), chunk, start in zip(tensors.items(), chunks, starts)
+        for (name, tensor), chunk, start in zip(present.items(), chunks, starts)
     }
+    return {name: moved.get(name) for name in tensors}
 
 
 def block_windows(height: int, width: int, side: int) -> torch.Tensor:
@@ -283,51 +286,78 @@ def block_windows(height: int, width: int, side: int) -> torch.Tensor:
 
 @dataclass
 class TokenLayout:
-    """Where the vision tokens are, and how the bidirectional self-attention lays them out: one row per sample that
-    has vision tokens, one slot per token, and a last slot for the text-guided token when there is one.
+    """Where the vision tokens are, and how the bidirectional self-attention groups them.
 
-    Positions are rows of the flattened `(batch * sequence)` hidden states and `(rows * slots)` slots, so that each
-    gather and scatter is one kernel."""
+    A sample's turns end where its prompts do (`conversation_turns`). The self-attention runs on rows, one per turn
+    with vision tokens: a row's queries are its turn's vision tokens; its keys are the vision tokens of its sample's
+    turns up to its own, and its text-guided token, the max-pool of the sample's text up to the end of the turn's
+    prompt. A turn's vision tokens thus never read a later turn, and never change once their turn's answer begins.
 
-    token_index: torch.Tensor  # (N,): each vision token's row in the flattened hidden states
-    token_slot: torch.Tensor  # (N,): its slot in the flattened self-attention layout
-    slot_index: torch.Tensor  # (rows * slots,): each slot's row in the flattened hidden states (the first vision
-    # token's in the empty slots, which are masked)
-    sample_rows: torch.Tensor  # (rows,): batch rows that hold vision tokens
-    slot_mask: torch.Tensor  # (rows, slots): occupied slots
-    guidance_mask: torch.Tensor | None  # (batch, sequence): positions that feed the text-guided token
-    unguided: torch.Tensor | None  # (rows, sequence, 1): the positions of each row that do not feed it
+    Indices address the flattened `(batch * sequence)` hidden states, and the self-attention's keys address the vision
+    tokens followed by the rows' text-guided tokens, so that each gather and scatter is one kernel. Everything is
+    computed on the host and reaches the device in one copy: nothing here waits on the device."""
+
+    token_index: torch.Tensor  # (N,): each vision token's row in the flattened hidden states, sample by sample
+    token_slot: torch.Tensor  # (N,): its place in the flattened `(rows, queries)` layout
+    query_index: torch.Tensor  # (rows, queries): each row's vision tokens (0 where padded)
+    key_index: torch.Tensor  # (rows, keys): each row's keys, the last one its text-guided token (0 where padded)
+    key_mask: torch.Tensor  # (rows, keys): keys present
+    packed_key_index: torch.Tensor  # (sum of keys present,): the present keys, row after row
+    query_lengths: torch.Tensor  # (rows,) int32
+    key_lengths: torch.Tensor  # (rows,) int32: keys present per row
+    max_query_length: int
+    max_key_length: int
+    guidance_rows: torch.Tensor | None  # (rows,): each row's sample; None without text guidance
+    unguided: torch.Tensor | None  # (rows, sequence, 1): the positions that do not feed each row's text-guided token
+    has_guidance: torch.Tensor | None  # (rows, 1): rows whose text-guided token pools any text
 
     @classmethod
-    def from_placeholders(
-        cls, placeholders: torch.Tensor, guidance_mask: torch.Tensor | None, device: torch.device
+    def from_turns(
+        cls, placeholders: torch.Tensor, turns: torch.Tensor, pooled: torch.Tensor | None, device: torch.device
     ) -> "TokenLayout":
-        """`placeholders`: the `(batch, sequence)` image-token mask, on the host (the caller reads it there once, to
-        check it, before the vision encoder is queued). `guidance_mask`: on `device`, or None without text guidance.
-        """
-        placeholders = placeholders.cpu()
+        """All on the host, `(batch, sequence)`: `placeholders`, where the vision tokens are; `turns`, each position's
+        turn (how many of its sample's prompts end at or before it); `pooled`, the text that may feed a text-guided
+        token (None without text guidance)."""
+        sequence = placeholders.shape[1]
         token_batch, token_position = placeholders.nonzero(as_tuple=True)
-        counts = placeholders.sum(dim=1)
-        sample_rows = counts.nonzero().flatten()
-        counts = counts[sample_rows]
-        slots = int(counts.max()) + int(guidance_mask is not None)
-        slot_row = torch.repeat_interleave(torch.arange(len(sample_rows)), counts)
-        token_slot = slot_row * slots + torch.arange(len(token_batch)) - (counts.cumsum(0) - counts)[slot_row]
-        token_index = token_batch * placeholders.shape[1] + token_position
-        slot_index = token_index[:1].repeat(len(sample_rows) * slots).index_copy(0, token_slot, token_index)
+        token_turn = turns[token_batch, token_position]
+        rows, query_lengths = torch.unique_consecutive(token_batch * (sequence + 1) + token_turn, return_counts=True)
+        row_batch, row_turn = rows // (sequence + 1), rows % (sequence + 1)
+        row_end = query_lengths.cumsum(0)
+        query_index, query_mask = padded_runs(row_end - query_lengths, query_lengths)
+        # A row's keys: its sample's vision tokens up to its turn's last, and its text-guided token.
+        key_start = torch.searchsorted(token_batch, row_batch)
+        key_index, key_mask = padded_runs(key_start, row_end - key_start)
+        guidance = dict(guidance_rows=None, unguided=None, has_guidance=None)
+        if pooled is not None:
+            pooled = pooled[row_batch] & (turns[row_batch] <= row_turn[:, None])
+            has_guidance = pooled.any(dim=1, keepdim=True)
+            guidance = dict(guidance_rows=row_batch, unguided=~pooled[..., None], has_guidance=has_guidance)
+            text_guided = len(token_batch) + torch.arange(len(rows))  # keys after the vision tokens'
+            key_index = torch.cat([key_index, text_guided[:, None]], dim=1)
+            key_mask = torch.cat([key_mask, has_guidance], dim=1)
+        key_lengths = key_mask.sum(dim=1, dtype=torch.int32)
         on_host = dict(
-            token_index=token_index,
-            token_slot=token_slot,
-            slot_index=slot_index,
-            sample_rows=sample_rows,
-            slot_mask=torch.arange(slots)[None, :] < counts[:, None],
+            token_index=token_batch * sequence + token_position,
+            token_slot=query_mask.flatten().nonzero().flatten(),
+            query_index=query_index,
+            key_index=key_index,
+            key_mask=key_mask,
+            packed_key_index=key_index[key_mask],
+            query_lengths=query_lengths.int(),
+            key_lengths=key_lengths,
+            **guidance,
         )
-        layout = cls(**to_device(on_host, device), guidance_mask=guidance_mask, unguided=None)
-        if guidance_mask is not None:
-            guidance = guidance_mask[layout.sample_rows]
-            layout.slot_mask[:, -1] = guidance.any(dim=1)
-            layout.unguided = ~guidance[..., None]
-        return layout
+        lengths = dict(max_query_length=int(query_lengths.max()), max_key_length=int(key_lengths.max()))
+        return cls(**to_device(on_host, device), **lengths)
+
+
+def padded_runs(starts: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs of consecutive indices, `starts[i]` on for `lengths[i]`, padded to the longest: `(runs, longest)` indices
+    (0 where padded) and the mask of those in a run."""
+    columns = torch.arange(int(lengths.max()))[None, :]
+    mask = columns < lengths[:, None]
+    return torch.where(mask, starts[:, None] + columns, 0), mask
 
 
 @dataclass
@@ -427,7 +457,8 @@ def add_to_tokens(hidden_states: torch.Tensor, layout: TokenLayout, update: torc
 
 
 class TokenBidirectionalSelfAttention(nn.Module):
-    """Full self-attention over all vision tokens of a sample, plus the text-guided token."""
+    """Full self-attention over the vision tokens of a sample, plus a text-guided token; with several turns, each
+    turn's tokens attend to those of its sample's turns up to its own, and to its own text-guided token."""
 
     def __init__(self, config: VisionRememberSettings):
         super().__init__()
@@ -442,44 +473,42 @@ class TokenBidirectionalSelfAttention(nn.Module):
         self.out_proj = OutputProjection(hidden_size, hidden_size)
         self.attention = AttentionSettings(config, self.head_dim)
 
-    def text_guided_token(self, hidden_states: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        """Adaptive max-pool over the prompt text of each sample: `(rows, D)`, zero where a sample has none."""
-        states = hidden_states.index_select(0, layout.sample_rows)
+    def text_guided_tokens(self, hidden_states: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """Adaptive max-pool over each row's prompt text: `(rows, D)`, zero where a row has none."""
+        states = hidden_states.index_select(0, layout.guidance_rows)
         pooled = states.masked_fill(layout.unguided, torch.finfo(states.dtype).min).amax(dim=1)
-        return torch.where(layout.slot_mask[:, -1:], pooled, 0.0)
+        return torch.where(layout.has_guidance, pooled, 0.0)
 
-    def layout(self, hidden_states: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        """The normalised vision tokens and text-guided token of each sample, padded: `(rows, slots, D)`."""
-        slots = hidden_states.flatten(0, 1).index_select(0, layout.slot_index).view(*layout.slot_mask.shape, -1)
-        if self.text_guidance:
-            slots = torch.cat([slots[:, :-1], self.text_guided_token(hidden_states, layout)[:, None]], dim=1)
-        return self.norm(slots)
+    def heads(self, states: torch.Tensor) -> torch.Tensor:
+        return states.view(len(states), self.num_heads, self.head_dim)
 
-    def project(self, states: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Queries, keys and values `(*states.shape[:-1], heads, head_dim)`."""
-        shape = (*states.shape[:-1], self.num_heads, self.head_dim)
-        return tuple(projection(states).view(shape) for projection in (self.q_proj, self.k_proj, self.v_proj))
-
-    def attend_padded(self, slots: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        queries, keys, values = (states.transpose(1, 2) for states in self.project(slots))
-        output = attend(self.attention, queries, keys, values, layout.slot_mask)
-        return output.flatten(0, 1).flatten(1).index_select(0, layout.token_slot)
-
-    def attend_packed(self, slots: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        """FlashAttention varlen on the occupied slots only: no projection or attention spent on padding."""
-        lengths = layout.slot_mask.sum(1, dtype=torch.int32)
-        length = slots.shape[1]
-        packed = self.project(slots[layout.slot_mask])
-        output = attend_packed(self.attention, *packed, lengths, lengths, length, length)
-        padded = output.new_zeros(layout.slot_mask.numel(), output.shape[1] * output.shape[2])
-        return padded.index_put((layout.slot_mask.flatten(),), output.flatten(1)).index_select(0, layout.token_slot)
+    def attend_padded(self, queries, keys, values, layout: TokenLayout) -> torch.Tensor:
+        """Rows padded to the longest: `(tokens, heads, head_dim)`."""
+        queries = queries.index_select(0, layout.query_index.flatten()).unflatten(0, layout.query_index.shape)
+        keys, values = (
+            states.index_select(0, layout.key_index.flatten()).unflatten(0, layout.key_index.shape)
+            for states in (keys, values)
+        )
+        queries, keys, values = (states.transpose(1, 2) for states in (queries, keys, values))
+        output = attend(self.attention, queries, keys, values, layout.key_mask)
+        return output.flatten(0, 1).index_select(0, layout.token_slot)
 
     def forward(self, hidden_states: torch.Tensor, context: RememberContext) -> torch.Tensor:
         layout = context.layout
-        slots = self.layout(hidden_states, layout)
-        packed = "flash" in backend(self.attention, slots)
-        output = self.attend_packed(slots, layout) if packed else self.attend_padded(slots, layout)
-        return add_to_tokens(hidden_states, layout, context.weigh(self.out_proj(output)))
+        states = hidden_states.flatten(0, 1).index_select(0, layout.token_index)
+        num_tokens = len(states)
+        if self.text_guidance:
+            states = torch.cat([states, self.text_guided_tokens(hidden_states, layout)])
+        states = self.norm(states)
+        queries = self.heads(self.q_proj(states[:num_tokens]))
+        keys, values = self.heads(self.k_proj(states)), self.heads(self.v_proj(states))
+        if "flash" in backend(self.attention, states):  # packed: nothing spent on padding
+            keys, values = (tensor.index_select(0, layout.packed_key_index) for tensor in (keys, values))
+            lengths = layout.query_lengths, layout.key_lengths, layout.max_query_length, layout.max_key_length
+            output = attend_packed(self.attention, queries, keys, values, *lengths)
+        else:
+            output = self.attend_padded(queries, keys, values, layout)
+        return add_to_tokens(hidden_states, layout, context.weigh(self.out_proj(output.flatten(1))))
 
 
 class VisionRememberLayer(nn.Module):

@@ -1,3 +1,5 @@
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 import torch
@@ -35,6 +37,18 @@ def active_model(seed: int = 0, **config_overrides) -> VisionRememberForConditio
             if isinstance(module, OutputProjection):
                 module.weight.normal_(std=0.5)
     return model
+
+
+@contextmanager
+def prompt_end_unknown(model):
+    """The reference that the no-leak tests compare with: a model that cannot tell where a prompt ends (no
+    generation prompt, no labels) lets all of a sample's text feed its text-guided token."""
+    known = model.config.generation_prompt_ids
+    model.config.generation_prompt_ids = []
+    try:
+        yield
+    finally:
+        model.config.generation_prompt_ids = known
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -14,16 +14,18 @@ from transformers import (
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.minicpmv4_6 import MiniCPMV4_6ForConditionalGeneration
 
-from vr_hf.modeling import modeling_vision_remember_base
+from vr_hf.modeling import conversation_turns
 from vr_hf.processor import build_processor
 from vr_hf.tiny import byte_tokenizer
 
-from conftest import active_model, build_model, random_image
+from conftest import active_model, build_model, prompt_end_unknown, random_image
 from tiny_grafts import (
     ANSWER,
+    END_OF_TURN,
     GENERATION_PROMPT,
     GRAFT,
     GRAFTED_CLASS,
+    IMAGE_BLOCK,
     PROMPT,
     SETTINGS,
     image_inputs,
@@ -53,6 +55,9 @@ class Family:
     # template's generation prompt, or not), then `continuation`
     inputs: callable
     batch: callable  # () -> two left-padded samples with an image each, ending in the generation prompt
+    # (images, answers) -> one sample, a turn per image: a user message with the image, the generation prompt and,
+    # where `answers` (token ids) has one, the answer and the end of the turn
+    conversation: callable
 
     def two_images(self) -> dict:
         return self.inputs(self.images(2))
@@ -62,6 +67,10 @@ class Family:
             return [random_image(40, 90, seed=1), random_image(80, 30, seed=2)][:count]
         sizes = [(56, 84), (28, 56)] if self.name == "qwen2_5_vl" else [(32, 48), (48, 32)]
         return [random_image(*size) for size in sizes[:count]]
+
+    def same_size_image(self, seed: int):
+        size = {"llava_vr": (40, 90), "qwen2_5_vl": (56, 84), "minicpmv4_6": (32, 48)}[self.name]
+        return random_image(*size, seed=seed)
 
 
 def llava_family() -> Family:
@@ -84,7 +93,16 @@ def llava_family() -> Family:
         texts = [prompt(images[:1]), "Longer words first. " + prompt(images[1:])]
         return processor(images=images, text=texts, padding=True, return_tensors="pt")
 
-    return Family("llava_vr", model, lambda: build_model(seed=3), inputs, batch)
+    def conversation(images, answers):
+        turns = [processor(images=[image], text=[prompt([image])], return_tensors="pt") for image in images]
+        ids = []
+        for index, turn in enumerate(turns):
+            ids += turn["input_ids"][0].tolist() + (list(answers[index]) + END_OF_TURN if index < len(answers) else [])
+        input_ids = torch.tensor([ids])
+        pixels = {key: torch.cat([turn[key] for turn in turns]) for key in ("pixel_values", "image_sizes")}
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **pixels}
+
+    return Family("llava_vr", model, lambda: build_model(seed=3), inputs, batch, conversation)
 
 
 def graft_family(name: str, folder) -> Family:
@@ -96,7 +114,7 @@ def graft_family(name: str, folder) -> Family:
         return image_inputs(name, images, answer=answer)
 
     def batch():
-        family_images = Family(name, None, None, None, None).images(2)
+        family_images = Family(name, None, None, None, None, None).images(2)
         samples = [image_inputs(name, family_images[:1], answer=GENERATION_PROMPT)]
         samples.append(image_inputs(name, family_images[1:], prompt=PROMPT * 3, answer=GENERATION_PROMPT))
         return left_padded(name, samples)
@@ -105,7 +123,14 @@ def graft_family(name: str, folder) -> Family:
         torch.manual_seed(3)
         return GRAFTED_CLASS[name](model.config).eval()
 
-    return Family(name, model, fresh, inputs, batch)
+    def conversation(images, answers):
+        text = []
+        for index in range(len(images)):
+            text += PROMPT + [IMAGE_BLOCK] + GENERATION_PROMPT
+            text += list(answers[index]) + END_OF_TURN if index < len(answers) else []
+        return image_inputs(name, images, text=text)
+
+    return Family(name, model, fresh, inputs, batch, conversation)
 
 
 @pytest.fixture(scope="module")
@@ -160,12 +185,13 @@ def test_returned_sequences_and_beams_read_their_own_images(family):
 
 @contextmanager
 def guidance_masks(model):
-    """The guidance masks (which positions feed the text-guided token) of the forward passes inside the block."""
+    """The guidance masks of the forward passes inside the block: each self-attention row's sample, and which of its
+    positions feed the row's text-guided token."""
     masks, remember = [], model.model.vision_remember
     prepare = remember.prepare
 
     def spy_prepare(layout, *args):
-        masks.append(layout.guidance_mask)
+        masks.append((layout.guidance_rows, ~layout.unguided[..., 0]))
         return prepare(layout, *args)
 
     remember.prepare = spy_prepare
@@ -181,8 +207,8 @@ def test_static_cache_equals_dynamic_cache(family):
     assert not batch["attention_mask"].all(), "the batch must be left-padded for this test to mean anything"
     with guidance_masks(family.model) as masks:
         assert_same_generation(family.model, batch, cache_implementation="static")
-    dynamic, static = masks
-    assert torch.equal(static, dynamic) and not static[batch["attention_mask"] == 0].any()
+    (rows, dynamic), (_, static) = masks
+    assert torch.equal(static, dynamic) and not static[batch["attention_mask"][rows] == 0].any()
 
 
 def test_compiled_decoding_equals_eager(family):
@@ -267,8 +293,8 @@ def test_scoring_keeps_continuations_out_of_the_prompt(family):
         # A per-sample prompt_mask says the same; the reference pools the continuation too, and it leaks.
         prompt_mask = torch.ones(1, length, dtype=torch.bool)
         torch.testing.assert_close(family.model(**first, prompt_mask=prompt_mask).logits[:, :length], expected)
-        everything = torch.ones_like(first["input_ids"], dtype=torch.bool)
-        leaked = family.model(**first, prompt_mask=everything).logits[:, :length]
+        with prompt_end_unknown(family.model):
+            leaked = family.model(**first).logits[:, :length]
     with pytest.raises(AssertionError):
         torch.testing.assert_close(leaked, expected)
 
@@ -276,7 +302,7 @@ def test_scoring_keeps_continuations_out_of_the_prompt(family):
 def test_warns_where_it_cannot_tell_the_prompt(monkeypatch):
     """A warning where the text shows no generation prompt, and where labels leave a sample no prompt text."""
     warnings = []
-    monkeypatch.setattr(modeling_vision_remember_base.logger, "warning_once", warnings.append)
+    monkeypatch.setattr(conversation_turns.logger, "warning_once", warnings.append)
     family = llava_family()
     inputs = family.inputs(family.images(1), ANSWER)
     with torch.no_grad():
@@ -288,7 +314,7 @@ def test_warns_where_it_cannot_tell_the_prompt(monkeypatch):
         assert len(warnings) == 1 and "cannot tell where the prompt of a sample ends" in warnings[0]
         supervised = inputs["input_ids"] != family.model.config.image_token_id
         family.model(**inputs, labels=torch.where(supervised, inputs["input_ids"], -100))
-        assert len(warnings) == 2 and "supervise a sample with images from its first text token" in warnings[1]
+        assert len(warnings) == 2 and "supervise more than its answers" in warnings[1]
 
 
 def test_heads_declare_what_their_native_counterparts_declare(family):
@@ -380,3 +406,54 @@ def test_generation_returns_attentions_and_hidden_states_per_step(family, mode):
         queries = attentions[0].shape[2]
         assert queries == prompt_length if step == 0 else queries >= 1
         assert hidden_states[0].shape[1] == queries
+
+
+def answer_labels(input_ids: torch.Tensor, answers: list) -> torch.Tensor:
+    """Labels on each answer, which starts right after the generation prompt of its turn."""
+    labels = torch.full_like(input_ids, -100)
+    width, ids = len(GENERATION_PROMPT), input_ids[0].tolist()
+    starts = [end for end in range(width, len(ids) + 1) if ids[end - width : end] == GENERATION_PROMPT]
+    for start, answer in zip(starts, answers):
+        labels[0, start : start + len(answer)] = torch.tensor(answer)
+    return labels
+
+
+def test_a_later_turn_never_moves_an_earlier_turns_logits(family):
+    """Two turns, image A then image B, both answers supervised: in training, nothing of the second turn (its image,
+    its answer) moves a logit of the first turn, which generation computes before the second turn exists."""
+    image_a, image_b, other_b = (family.same_size_image(seed) for seed in (1, 5, 6))
+    answers, other_answers = [ANSWER, ANSWER[::-1]], [ANSWER, PROMPT]
+    first = family.conversation([image_a, image_b], answers)
+    first_turn = family.conversation([image_a], answers[:1])["input_ids"].shape[1]
+    with torch.no_grad():
+        expected = family.model(**first, labels=answer_labels(first["input_ids"], answers)).logits[:, :first_turn]
+        for images, turn_answers in (([image_a, other_b], answers), ([image_a, image_b], other_answers)):
+            inputs = family.conversation(images, turn_answers)
+            logits = family.model(**inputs, labels=answer_labels(inputs["input_ids"], turn_answers)).logits
+            torch.testing.assert_close(logits[:, :first_turn], expected, rtol=0, atol=0)
+        # The reference: without turns (the prompt's end unknown), image A's tokens read image B's, and it leaks.
+        with prompt_end_unknown(family.model):
+            leaked = [family.model(**family.conversation([image_a, b], answers)).logits for b in (image_b, other_b)]
+    assert not torch.allclose(leaked[0][:, :first_turn], leaked[1][:, :first_turn])
+
+
+def test_teacher_forced_logits_equal_generated_ones_turn_by_turn(family):
+    """Generate turn 1's answer, then turn 2's after it; a training forward over the whole conversation, labels on
+    both answers, gives the logits generation gave, turn by turn."""
+    image_a, image_b = family.same_size_image(1), family.same_size_image(5)
+    settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True)
+    settings.update(return_dict_in_generate=True, suppress_tokens=[family.model.config.image_token_id])
+    answers, generated_logits = [], []
+    for turn in range(2):
+        prompt = family.conversation([image_a, image_b][: turn + 1], answers)
+        output = family.model.generate(**prompt, **settings)
+        answers.append(output.sequences[0, prompt["input_ids"].shape[1] :].tolist())
+        generated_logits.append(torch.stack(output.logits)[:, 0])
+    conversation = family.conversation([image_a, image_b], answers)
+    labels = answer_labels(conversation["input_ids"], answers)
+    with torch.no_grad():
+        logits = family.model(**conversation, labels=labels).logits[0]
+    starts = (labels[0] != -100).int().diff(prepend=torch.zeros(1, dtype=torch.int)).eq(1).nonzero().flatten()
+    assert len(starts) == 2
+    for start, expected in zip(starts.tolist(), generated_logits):
+        torch.testing.assert_close(logits[start - 1 : start - 1 + NEW_TOKENS], expected, atol=1e-5, rtol=1e-4)

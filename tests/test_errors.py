@@ -127,3 +127,10 @@ def test_views_that_do_not_match_image_sizes(model, prompt_batch, entry_point):
     one_image = dict(prompt_batch, pixel_values=prompt_batch["pixel_values"][:1])
     with pytest.raises(ValueError, match="do not hold the views of the 2 images of image_sizes"):
         run(model, entry_point, one_image)
+
+
+def test_images_cannot_continue_a_cached_sequence(model, prompt_batch):
+    """Images with an attention mask longer than the tokens they came with (a cache holds the rest)."""
+    continued = dict(prompt_batch, attention_mask=torch.cat([prompt_batch["attention_mask"]] * 2, dim=1))
+    with pytest.raises(ValueError, match="images cannot continue a cached sequence"):
+        model(**continued)

@@ -23,7 +23,7 @@ from vr_hf.modeling.processing_vision_remember import CHAT_TEMPLATE
 from vr_hf.processor import build_processor
 from vr_hf.tiny import SPECIAL_TOKENS, byte_tokenizer, tiny_config
 
-from conftest import active_model, random_image
+from conftest import active_model, prompt_end_unknown, random_image
 
 
 lmms_eval = pytest.importorskip("lmms_eval", reason="needs lmms-eval: see docs/evaluation.md")
@@ -162,10 +162,9 @@ def test_the_continuation_never_feeds_the_text_guided_token(checkpoints, docs, k
 
     def everything_guides(tokens: list[int]) -> torch.Tensor:
         inputs = prompt_inputs(lm, docs[0], tokens)
-        everything = torch.ones_like(inputs["input_ids"], dtype=torch.bool)
-        return lm.model(**inputs, prompt_mask=everything).logits[0, -len(tokens) - 1 : -1]
+        return lm.model(**inputs).logits[0, -len(tokens) - 1 : -1]
 
-    with torch.no_grad():
+    with torch.no_grad(), prompt_end_unknown(lm.model):
         leaked = [everything_guides(tokens) for tokens in (circle, square)]
     assert not torch.equal(leaked[0][:shared], leaked[1][:shared]), "Vision Remember must be active for this test"
 

@@ -122,8 +122,8 @@ def blocks(downsample_factor: int, interaction: str, implementation: str, dtype)
 
 
 def context_inputs(module: VisionRemember, dtype, device="cpu"):
-    """Two samples with one AnyRes image each (unpadded tiles, newline tokens), a text-only sample, left padding:
-    the layout, features and windows `prepare` takes, and hidden states."""
+    """Two samples with one AnyRes image each (unpadded tiles, newline tokens), the first in two turns, a text-only
+    sample, left padding: the layout, features and windows `prepare` takes, and hidden states."""
     config = module.config
     sizes = [(50, 100), (100, 80)]
     layout = ImageLayout.from_config(config)
@@ -135,11 +135,14 @@ def context_inputs(module: VisionRemember, dtype, device="cpu"):
     placeholders = torch.zeros(3, length, dtype=torch.bool)
     for row, count in enumerate(counts):
         placeholders[row, 5 + 2 * row : 5 + 2 * row + count] = True
-    guidance_mask = torch.zeros(3, length, dtype=torch.bool)
-    guidance_mask[:, 2:5] = True
-    guidance_mask[1, :] = False  # one sample without prompt text: its text-guided token is masked out
+    pooled = torch.zeros(3, length, dtype=torch.bool)
+    pooled[:, 2:5] = True
+    pooled[1, :] = False  # one sample without prompt text: its text-guided token is masked out
+    turns = torch.zeros(3, length, dtype=torch.long)
+    turns[0, 5 + counts[0] // 2 :] = 1  # a prompt ends in sample 0's image: its second half is a later turn's...
+    pooled[0, -1] = True  # ...whose text-guided token also pools the last position
     hidden_states = torch.randn(3, length, config.text_config.hidden_size).to(dtype)
-    token_layout = TokenLayout.from_placeholders(placeholders, guidance_mask.to(device), torch.device(device))
+    token_layout = TokenLayout.from_turns(placeholders, turns, pooled, torch.device(device))
     return (token_layout, features, windows), hidden_states.to(device)  # windows stay on the host, as the model's
 
 
@@ -171,7 +174,7 @@ def test_blocks_gradients_equal_reference(stand_in_flash):
     gradients = {}
     for implementation in ("eager", "sdpa", STAND_IN, TORCH_VARLEN):
         module = blocks(3, "local", implementation, torch.float32)
-        module.layers["0"](hidden_states, module.prepare(*inputs)).square().sum().backward()
+        module.layers["0"](hidden_states, module.prepare(*inputs)).square().mean().backward()
         gradients[implementation] = {name: parameter.grad for name, parameter in module.named_parameters()}
     for implementation in ("sdpa", STAND_IN, TORCH_VARLEN):
         for name, gradient in gradients["eager"].items():

@@ -106,7 +106,7 @@ def test_graft_keeps_weights_and_adds_its_own(checkpoints, name):
     assert "trust_remote_code=True" in card and "[0, 2]" in card
     assert (checkpoints["grafted"][name] / "tokenizer.json").is_file()
     shared = {"configuration_vision_remember_settings", "configuration_vision_remember_graft"}
-    shared |= {"modeling_vision_remember_base", "vision_remember"}
+    shared |= {"modeling_vision_remember_base", "conversation_turns", "vision_remember"}
     own = {f"configuration_vision_remember_{name}", f"modeling_vision_remember_{name}"}
     assert {path.stem for path in checkpoints["grafted"][name].glob("*.py")} == shared | own
 
@@ -240,7 +240,7 @@ def test_sft_trainer_step(checkpoints, name, tmp_path):
     prepare = model.model.vision_remember.prepare
 
     def spy_prepare(layout, *args):
-        guidance.append(layout.guidance_mask.clone())
+        guidance.append(~layout.unguided[..., 0])
         return prepare(layout, *args)
 
     model.model.vision_remember.prepare = spy_prepare

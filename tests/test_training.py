@@ -229,7 +229,7 @@ def run_sft_step(tmp_path_factory, from_folder: bool = False):
 
     def spy_prepare(layout, features, window_index):
         if calls:
-            calls[-1]["guidance"].append(layout.guidance_mask.clone())
+            calls[-1]["guidance"].append(~layout.unguided[..., 0])
         return original_prepare(layout, features, window_index)
 
     base.forward = spy_forward

@@ -31,6 +31,8 @@ GRAFTED_CLASS = {
 PROMPT = [1, 2, 3]
 ANSWER = [5, 6, 7]
 GENERATION_PROMPT = list(byte_generation_prompt_ids())  # the sources' ChatML `<|im_start|>assistant\n`
+END_OF_TURN = byte_tokenizer()("<|im_end|>\n")["input_ids"]
+IMAGE_BLOCK = -1  # in `image_inputs`' text: where the next image's placeholder block goes
 
 
 def native_configs() -> dict:
@@ -99,10 +101,14 @@ def coded_image(rows: int, cols: int, patch: int) -> Image.Image:
     return Image.fromarray(pixels.repeat(patch, axis=0).repeat(patch, axis=1))
 
 
-def image_inputs(backbone: str, images, raw: bool = False, mode: str = "16x", prompt=PROMPT, answer=ANSWER) -> dict:
-    """One sample: pixel values as the backbone's image processor lays them out, and `prompt`, each image's expanded
-    placeholder block, and `answer` as `input_ids`."""
+def image_inputs(
+    backbone: str, images, raw: bool = False, mode: str = "16x", prompt=PROMPT, answer=ANSWER, text=None
+) -> dict:
+    """One sample: pixel values as the backbone's image processor lays them out, and as `input_ids` `text`, token ids
+    with `IMAGE_BLOCK` where each image's expanded placeholder block goes (by default `prompt`, every image's block,
+    `answer`)."""
     images = images if isinstance(images, list) else [images]
+    text = text or prompt + [IMAGE_BLOCK] * len(images) + answer
     if backbone == "qwen2_5_vl":
         processor = Qwen2VLImageProcessorPil(do_resize=False, do_rescale=not raw, do_normalize=not raw)
         pixels = dict(processor(images, return_tensors="pt"))
@@ -115,8 +121,8 @@ def image_inputs(backbone: str, images, raw: bool = False, mode: str = "16x", pr
         sizes = torch.tensor([[array.shape[1] // 4, array.shape[2] // 4] for array in arrays])
         pixels = {"pixel_values": torch.from_numpy(patches)[None], "target_sizes": sizes, "downsample_mode": mode}
         tokens = (sizes.prod(dim=-1) // (16 if mode == "16x" else 4)).tolist()
-    placeholders = [token for count in tokens for token in [START] + [IMAGE] * count + [END]]
-    input_ids = torch.tensor([prompt + placeholders + answer])
+    blocks = iter([START] + [IMAGE] * count + [END] for count in tokens)
+    input_ids = torch.tensor([[token for item in text for token in (next(blocks) if item == IMAGE_BLOCK else [item])]])
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **pixels}
     if backbone == "qwen2_5_vl":
         inputs["mm_token_type_ids"] = (input_ids == IMAGE).int()
