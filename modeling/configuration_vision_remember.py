@@ -2,11 +2,14 @@
 
 from typing import Literal
 
+# First: importing it checks the Transformers version, before this file imports anything newer from Transformers.
+from .configuration_vision_remember_settings import VisionRememberSettings
+
+
+# isort: split
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
-
-from .configuration_vision_remember_settings import VisionRememberSettings
 
 
 PROJECTOR_TYPES = ("avg_pool", "pixel_shuffle", "perceiver", "ldpv2")

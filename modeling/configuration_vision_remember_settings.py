@@ -1,7 +1,29 @@
-"""The Vision Remember settings every model with Vision Remember shares, whatever its backbone."""
+"""The Vision Remember settings every model with Vision Remember shares, whatever its backbone.
 
+Every config of a model with Vision Remember imports this module first: it refuses, with the fix, a Transformers older
+than the oldest release these files are tested with, before anything they import from Transformers can fail less
+clearly.
+"""
+
+import re
+
+import transformers
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
+
+
+MINIMUM_TRANSFORMERS = "5.23.0"
+
+
+def release(version: str) -> tuple[int, ...]:
+    return tuple(int(number) for number in re.findall(r"\d+", version)[:3])
+
+
+if release(transformers.__version__) < release(MINIMUM_TRANSFORMERS):
+    raise ImportError(
+        f"Models with Vision Remember need Transformers {MINIMUM_TRANSFORMERS} or newer, and this is "
+        f"{transformers.__version__}: pip install --upgrade 'transformers>={MINIMUM_TRANSFORMERS}'"
+    )
 
 
 INTERACTION_TYPES = ("local", "deformable", "global")

@@ -14,7 +14,7 @@ from . import TASKS_DIR, paper
 
 
 OFFLINE_GROUP = "vr_hf_offline"
-INSTALL = 'pip install ".[eval]" && pip install --no-deps lmms-eval==0.7.3'
+INSTALL = 'pip install -c constraints.txt ".[eval]" && pip install --no-deps lmms-eval==0.7.3'
 EXAMPLES = f"""examples:
   vr-hf evaluate outputs/vr-hf/checkpoint                  the offline tasks ({OFFLINE_GROUP}), no downloads
   vr-hf evaluate outputs/vr-hf/checkpoint --tasks vr_hf_red_letter --limit 20
