@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -323,6 +324,16 @@ class RecipeTrainer(SFTTrainer):
     def __init__(self, *args, recipe: RecipeArguments, summary: str, adapter: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.recipe, self.summary, self.adapter = recipe, summary, adapter
+
+    def end(self):
+        """`Trainer.end`. A run on several CPU processes then exits at once: torch's gloo process group, torn down at
+        interpreter exit, deadlocks where its worker thread waits for the interpreter lock that the exiting thread
+        holds while it joins that worker, which hangs a run that has finished."""
+        super().end()
+        if self.args.world_size > 1 and self.args.device.type == "cpu":
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None):
         if not self.is_world_process_zero():
