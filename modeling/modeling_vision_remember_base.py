@@ -304,7 +304,16 @@ class VisionRememberForConditionalGenerationMixin(VisionRememberPreTrainedMixin)
 
     def generate(self, inputs: torch.Tensor | None = None, **kwargs):
         """`GenerationMixin.generate`, with the prompt pinned (`prompt_mask`): generated text never feeds Vision
-        Remember, whatever the cache, the decoding strategy or an assistant's candidate tokens."""
+        Remember, whatever the cache, the decoding strategy or an assistant's candidate tokens. A prompt longer
+        than the decoder's context is refused."""
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        prompt = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        context = self.config.get_text_config().max_position_embeddings
+        if prompt is not None and prompt.shape[1] > context:
+            raise ValueError(
+                f"The prompt holds {prompt.shape[1]} tokens, past the model's context of {context} "
+                "(text_config.max_position_embeddings; each image counts one token per vision token): shorten it."
+            )
         pre_encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
         if kwargs.get("pixel_values") is None and pre_encoded is None:
             return super().generate(inputs, **kwargs)
@@ -312,11 +321,9 @@ class VisionRememberForConditionalGenerationMixin(VisionRememberPreTrainedMixin)
         for setting, reason in REFUSED_WITH_IMAGES.items():
             if kwargs.get(setting) or getattr(generation_config, setting, None):
                 raise ValueError(f"Vision Remember cannot generate with {setting}: {reason}")
-        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         if pre_encoded is None:  # generation encodes the images before its first forward: check them before that
             rest = {key: value for key, value in kwargs.items() if key not in ("input_ids", "inputs_embeds")}
             self.model.read_turns(input_ids, kwargs.get("inputs_embeds"), rest.pop("pixel_values"), None, rest)
-        prompt = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if "prompt_mask" not in kwargs and prompt is not None:
             attention_mask = kwargs.get("attention_mask")
             kwargs["prompt_mask"] = (

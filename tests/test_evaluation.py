@@ -9,21 +9,16 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_graft import SETTINGS, perturb, tiny_sources
-from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedTokenizerFast
-from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.utils import is_torchvision_available
 
 from vr_hf.cli import main
-from vr_hf.conversion import graft_minicpmv4_6, graft_qwen2_5_vl
 from vr_hf.demo.compare import TEST_SEED, Settings
 from vr_hf.demo.tasks import make_split
-from vr_hf.modeling.processing_vision_remember import CHAT_TEMPLATE
 from vr_hf.processor import build_processor
-from vr_hf.tiny import SPECIAL_TOKENS, byte_tokenizer, tiny_config
+from vr_hf.tiny import byte_tokenizer, tiny_config
 
 from conftest import active_model, prompt_end_unknown, random_image
+from tiny_grafts import grafted_checkpoint, tiny_sources
 
 
 lmms_eval = pytest.importorskip("lmms_eval", reason="needs lmms-eval: see docs/evaluation.md")
@@ -37,54 +32,6 @@ from vr_hf.evaluation.tasks import easy_vqa_docs, red_item_docs  # noqa: E402
 
 
 KINDS = ["llava_vr", "qwen2_5_vl", "minicpmv4_6"]
-MINICPM_TOKENS = {
-    "image_token": "<|image_pad|>",
-    "video_token": "<|video_pad|>",
-    "image_start_token": "<image>",
-    "image_end_token": "</image>",
-    "slice_start_token": "<slice>",
-    "slice_end_token": "</slice>",
-    "image_id_start_token": "<image_id>",
-    "image_id_end_token": "</image_id>",
-}
-
-
-def source_tokenizer(name: str):
-    """A byte tokenizer with the special tokens of the backbone's processor and a ChatML template."""
-    extra = dict(MINICPM_TOKENS) if name == "minicpmv4_6" else {}
-    special = list(dict.fromkeys(SPECIAL_TOKENS + ["<|video_pad|>"] + list(extra.values())))
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=byte_tokenizer(special_tokens=special).backend_tokenizer,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        extra_special_tokens=extra,
-    )
-    image_part = "'<|vision_start|><|image_pad|><|vision_end|>'" if name == "qwen2_5_vl" else "'<|image_pad|>'"
-    tokenizer.chat_template = CHAT_TEMPLATE.replace("'<|vision_start|><|image_pad|><|vision_end|>'", image_part)
-    return tokenizer
-
-
-def grafted_checkpoint(root, name: str):
-    """The tiny native checkpoint of test_graft with what a real one carries besides its weights (tokenizer, image
-    processor, chat template), grafted, with Vision Remember made active."""
-    source = tiny_sources(root / name)[name]
-    tokenizer = source_tokenizer(name)
-    tokenizer.save_pretrained(source)
-    config = AutoConfig.from_pretrained(source)
-    ids = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>"}
-    if name == "qwen2_5_vl":
-        ids.update(vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>")
-        Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 84).save_pretrained(source)
-    else:
-        MiniCPMV4_6ImageProcessorPil(patch_size=4, scale_resolution=32, max_slice_nums=2).save_pretrained(source)
-    for field, token in ids.items():
-        setattr(config, field, tokenizer.convert_tokens_to_ids(token))
-    config.save_pretrained(source)
-    folder = (graft_qwen2_5_vl if name == "qwen2_5_vl" else graft_minicpmv4_6)(source, root / f"{name}-vr", **SETTINGS)
-    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
-    perturb(model)
-    model.save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from PIL import Image
 from test_resume import load_recipe, recipe_argv, write_rows
 
 from vr_hf.recipes import load_model_and_processor, recipe_model_card
-from vr_hf.tiny import byte_tokenizer
+from vr_hf.tiny import byte_tokenizer, tiny_config
 
 from conftest import random_image
 
@@ -179,8 +179,9 @@ def test_qlora_recipe_trains_on_the_cpu(instruction, data, tmp_path):
     assert card_metadata((tmp_path / "qlora" / "README.md").read_text())["library_name"] == "peft"
 
 
-def test_a_checkpoint_whose_processor_cannot_read_images_is_refused_before_it_loads(tmp_path):
-    """As the stock processors of grafted checkpoints load without torchvision: a bare tokenizer."""
+def test_a_checkpoint_without_its_image_processor_is_refused_before_it_loads(tmp_path):
+    """A checkpoint saved with its tokenizer but not its image processor."""
+    tiny_config().save_pretrained(tmp_path)
     byte_tokenizer().save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="cannot read images .* need torchvision"):
+    with pytest.raises(OSError, match="Can't load image processor .* preprocessor_config.json"):
         load_model_and_processor(tmp_path)

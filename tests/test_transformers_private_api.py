@@ -24,8 +24,11 @@ TRANSFORMERS_CLASSES = (PreTrainedModel, GenerationMixin, PreTrainedConfig, Proc
 
 
 def owner(use):
-    module, _, name = use.owner.rpartition(".")
-    return getattr(importlib.import_module(module), name)
+    try:
+        return importlib.import_module(use.owner)
+    except ImportError:
+        module, _, name = use.owner.rpartition(".")
+        return getattr(importlib.import_module(module), name)
 
 
 @pytest.mark.parametrize("use", PRIVATE_API, ids=lambda use: use.name)

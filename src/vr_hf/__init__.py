@@ -33,14 +33,19 @@ VisionRememberForConditionalGeneration.register_for_auto_class("AutoModelForImag
 VisionRememberProcessor.register_for_auto_class("AutoProcessor")
 
 # Native VLMs with Vision Remember grafted on (`vr_hf.conversion.graft`)
-for _config, _model, _head in (
+GRAFTED_CLASSES = (
     (VisionRememberQwen2_5_VLConfig, VisionRememberQwen2_5_VLModel, VisionRememberQwen2_5_VLForConditionalGeneration),
     (
         VisionRememberMiniCPMV4_6Config,
         VisionRememberMiniCPMV4_6Model,
         VisionRememberMiniCPMV4_6ForConditionalGeneration,
     ),
-):
+)
+# (config class, head class) of every kind of vr-hf checkpoint
+CHECKPOINT_CLASSES = ((VisionRememberConfig, VisionRememberForConditionalGeneration),) + tuple(
+    (config, head) for config, _, head in GRAFTED_CLASSES
+)
+for _config, _model, _head in GRAFTED_CLASSES:
     AutoConfig.register(_config.model_type, _config)
     AutoModel.register(_config, _model)
     AutoModelForImageTextToText.register(_config, _head)

@@ -19,6 +19,9 @@ EXAMPLES = """examples:
   vr-hf --table 2 5                        both, on the graded word task: about 70 minutes on 2 CPU cores
   vr-hf --decoder smollm2                  a real pretrained decoder (SmolLM2-135M-Instruct), frozen
 
+serving with Transformers' own OpenAI-compatible server (vr-hf serve --help):
+  vr-hf serve outputs/vr-hf/checkpoint     chat completions with images at http://localhost:8000/v1
+
 evaluation with lmms-eval (vr-hf evaluate --help):
   vr-hf evaluate outputs/vr-hf/checkpoint  the saved checkpoint on the offline lmms-eval tasks
   vr-hf paper-table RESULTS.json           the paper's Table 1 from an lmms-eval run
@@ -130,6 +133,11 @@ def parse_arguments(argv=None) -> Settings:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        from .serve import main as serve
+
+        serve(argv[1:])
+        return
     if argv[:1] in (["evaluate"], ["paper-table"]):
         from .evaluation import cli
 

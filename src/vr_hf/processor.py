@@ -1,5 +1,15 @@
-"""Build a `VisionRememberProcessor` that matches a `VisionRememberConfig`."""
+"""Processors: build a `VisionRememberProcessor` that matches a `VisionRememberConfig`, and load the processor of any
+vr-hf checkpoint, the one way every entry point (recipes, evaluation, serving, the demo) loads it.
 
+LLaVA-VR checkpoints carry their own `VisionRememberProcessor` (remote code); grafted checkpoints carry the source
+model's processor files. The stock processors of the grafts also hold a video processor, which needs torchvision:
+where torchvision is missing, the stock processor class is built with a stand-in for its video part, so images and
+text still go through its own code (with the PIL image processor Transformers falls back to), and only video inputs
+are refused.
+"""
+
+from transformers import CONFIG_MAPPING, AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 from transformers.utils import is_torchvision_available
 
 from .modeling.configuration_vision_remember import VisionRememberConfig
@@ -50,3 +60,50 @@ def generation_prompt_ids(tokenizer, chat_template: str | None = None) -> list[i
     if prompted == plain or not prompted.startswith(plain):
         return None
     return tokenizer(prompted[len(plain) :], add_special_tokens=False)["input_ids"]
+
+
+class NoVideoProcessor:
+    """Takes the place of a stock processor's video processor where torchvision is missing."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return None  # settings that only the video code reads
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError("Video inputs need torchvision, which is not installed: pip install torchvision.")
+
+
+def without_video(processor_class: type) -> type:
+    """`processor_class`, loading and accepting `NoVideoProcessor` for its video processor."""
+
+    class ImageProcessorOnly(processor_class):
+        @classmethod
+        def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+            parts = {
+                "image_processor": AutoImageProcessor.from_pretrained(pretrained_model_name_or_path),
+                "tokenizer": AutoTokenizer.from_pretrained(pretrained_model_name_or_path),
+                "video_processor": NoVideoProcessor(),
+            }
+            return [parts[name] for name in cls.get_attributes()]
+
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if isinstance(argument, NoVideoProcessor):
+                return NoVideoProcessor
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+        def to_dict(self):
+            return {key: value for key, value in super().to_dict().items() if not isinstance(value, NoVideoProcessor)}
+
+    ImageProcessorOnly.__name__ = ImageProcessorOnly.__qualname__ = processor_class.__name__
+    return ImageProcessorOnly
+
+
+def load_processor(pretrained: str, config=None, **kwargs):
+    """The processor of the vr-hf checkpoint in `pretrained` (its config `config`, read when not given); `kwargs`
+    reach `from_pretrained` (`revision`, ...)."""
+    config = config or AutoConfig.from_pretrained(pretrained, trust_remote_code=True, **kwargs)
+    backbone = getattr(config, "backbone_model_type", None)  # set by grafted configs only
+    if backbone is None or is_torchvision_available():
+        return AutoProcessor.from_pretrained(pretrained, trust_remote_code=True, **kwargs)
+    return without_video(PROCESSOR_MAPPING[CONFIG_MAPPING[backbone]]).from_pretrained(pretrained, **kwargs)

@@ -270,15 +270,12 @@ def load_training_data(source, image_folder=None, split: str = "train", on_error
 
 def load_model_and_processor(name_or_path, **from_pretrained_kwargs):
     """A Vision Remember checkpoint and its processor, loaded as remote code (`trust_remote_code=True`); the
-    processor first, so that one that cannot read images is refused before the weights load."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    processor first, so that a checkpoint without one is refused before the weights load."""
+    from transformers import AutoModelForImageTextToText
 
-    processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=True)
-    if getattr(processor, "image_processor", None) is None:
-        raise ValueError(
-            f"The processor of {name_or_path} cannot read images ({type(processor).__name__}): the stock processors "
-            "of Qwen2.5-VL and MiniCPM-V, which grafted checkpoints carry, need torchvision (pip install torchvision)."
-        )
+    from .processor import load_processor
+
+    processor = load_processor(name_or_path)
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, trust_remote_code=True, **from_pretrained_kwargs)
     return model, processor
 

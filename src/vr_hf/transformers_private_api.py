@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class PrivateUse:
-    owner: str  # the Transformers class, by import path
+    owner: str  # the Transformers class or module, by import path
     name: str
     parameters: tuple[str, ...] | None  # the parameters vr-hf passes or receives; None for an attribute
     where: str  # how vr-hf uses it
@@ -68,8 +68,32 @@ PRIVATE_API = (
         "transformers.processing_utils.ProcessorMixin",
         "_get_arguments_from_pretrained",
         ("pretrained_model_name_or_path",),
-        "overridden by vr_hf.evaluation.processors.without_video",
+        "overridden by vr_hf.processor.without_video",
         "a grafted checkpoint's stock processor loads its video processor here, which needs torchvision",
+    ),
+    PrivateUse(
+        "transformers.cli.serving.model_manager.ModelManager",
+        "_load_processor",
+        ("model_id_and_revision", "gguf_file"),
+        "replaced by vr_hf.serve for `vr-hf serve`",
+        "Transformers' server loads processors here with AutoProcessor, which needs torchvision for a grafted "
+        "checkpoint's stock processor: vr-hf loads them its one way (vr_hf.processor.load_processor)",
+    ),
+    PrivateUse(
+        "transformers.cli.serving.server",
+        "build_server",
+        ("model_manager",),
+        "wrapped by vr_hf.serve for `vr-hf serve`",
+        "the server's app is built here and nowhere else: vr-hf adds a handler that answers bad input (a ValueError) "
+        "with a 400 instead of a 500",
+    ),
+    PrivateUse(
+        "transformers.models.auto.modeling_auto",
+        "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES",
+        None,
+        "extended by vr_hf.serve for `vr-hf serve`",
+        "Transformers' server loads a model through AutoModelForMultimodalLM only if its model type is listed here "
+        "(otherwise by its architecture's name in the transformers namespace, which remote code is not in)",
     ),
     PrivateUse(
         "transformers.generation.configuration_utils.CompileConfig",

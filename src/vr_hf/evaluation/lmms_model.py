@@ -15,7 +15,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForImageTextToText, StoppingCriteria, StoppingCriteriaList
 
-from .processors import load_processor
+from ..processor import load_processor
 
 
 MODEL_TYPES = ("vision_remember", "vision_remember_qwen2_5_vl", "vision_remember_minicpmv4_6")
