@@ -8,11 +8,13 @@ import pytest
 import yaml
 from PIL import Image
 from test_resume import load_recipe, recipe_argv, write_rows
+from transformers.utils import is_torchvision_available
 
 from vr_hf.recipes import load_model_and_processor, recipe_model_card
 from vr_hf.tiny import byte_tokenizer, tiny_config
 
 from conftest import random_image
+from tiny_grafts import grafted_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +187,13 @@ def test_a_checkpoint_without_its_image_processor_is_refused_before_it_loads(tmp
     byte_tokenizer().save_pretrained(tmp_path)
     with pytest.raises(OSError, match="Can't load image processor .* preprocessor_config.json"):
         load_model_and_processor(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "minicpmv4_6"])
+def test_a_grafted_checkpoint_loads_for_the_recipes_without_torchvision(tmp_path, name):
+    """The recipes load processors the one way vr-hf does, which stands in for the video part torchvision would run."""
+    model, processor = load_model_and_processor(grafted_checkpoint(tmp_path, name))
+    assert type(model).__name__.startswith("VisionRemember") and processor.image_processor is not None
+    if not is_torchvision_available():
+        with pytest.raises(RuntimeError, match="Video inputs need torchvision"):
+            processor.video_processor(videos=[])
