@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from vr_hf.lora import lora_config, qlora_quantization_config, save_merged
+from vr_hf.lora import lora_config, lora_summary, qlora_quantization_config, save_merged
 from vr_hf.recipes import (
     RecipeTrainer,
     groups_summary,
@@ -63,11 +63,11 @@ def build_trainer(recipe, lora, training_args) -> RecipeTrainer:
         quantization = {"quantization_config": qlora_quantization_config(dtype), "dtype": dtype}
     model, processor = recipe_model(recipe, training_args.seed, **quantization)
     if lora.lora:  # PEFT freezes everything but the adapters and the modules it saves
-        training = dict(peft_config=lora_config(lora.lora_rank, lora.lora_alpha, lora.lora_dropout))
+        peft_config = lora_config(model, lora.lora_rank, lora.lora_alpha, lora.lora_dropout)
+        training = dict(peft_config=peft_config)
         summary = (
-            f"Phase 2 (instruction tuning) with {'QLoRA (4-bit NF4 decoder)' if lora.qlora else 'LoRA'}: rank "
-            f"{lora.lora_rank} adapters on the decoder's projections, the projector and Vision Remember in full, at "
-            f"{training_args.learning_rate:g}; the vision tower frozen."
+            f"Phase 2 (instruction tuning) with {'QLoRA (4-bit NF4 decoder)' if lora.qlora else 'LoRA'} at "
+            f"{training_args.learning_rate:g}: {lora_summary(model, peft_config)}."
         )
     else:
         rates = recipe.learning_rates("instruction", training_args.learning_rate)

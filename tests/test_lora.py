@@ -7,17 +7,26 @@ import os
 import re
 import subprocess
 import sys
+from operator import attrgetter
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText
 
-from vr_hf.lora import DECODER_PROJECTIONS, lora_config, qlora_quantization_config, save_merged
+from vr_hf.lora import (
+    DECODER_PROJECTIONS,
+    fully_trained_paths,
+    lora_config,
+    lora_summary,
+    qlora_quantization_config,
+    save_merged,
+)
 from vr_hf.processor import build_processor
 from vr_hf.tiny import byte_tokenizer
 
 from conftest import active_model, conversation, random_image
+from tiny_grafts import GRAFT, GRAFTED_CLASS, SETTINGS, tiny_sources
 
 
 datasets = pytest.importorskip("datasets")
@@ -73,7 +82,11 @@ def lora_run(tmp_path_factory):
         disable_tqdm=True,
     )
     trainer = trl.SFTTrainer(
-        model=model, args=args, train_dataset=dataset, processing_class=processor, peft_config=lora_config(rank=4)
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=processor,
+        peft_config=lora_config(model, rank=4),
     )
     trainer.train()
     batch = trainer.data_collator([dict(row) for row in dataset])
@@ -183,3 +196,35 @@ def test_merged_checkpoint_reloads_identically_in_fresh_process(lora_run, merged
     assert result.returncode == 0, f"reloading the merged checkpoint failed:\n{result.stderr[-4000:]}"
     assert json.loads(result.stdout.strip().splitlines()[-1])["module"].startswith("transformers_modules.")
     assert torch.equal(load_file(output)["logits"], merged["logits"])
+
+
+@pytest.fixture(scope="module")
+def grafts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grafts")
+    sources = tiny_sources(root)
+    folders = {name: GRAFT[name](sources[name], root / f"{name}-vr", **SETTINGS) for name in GRAFT}
+    return {name: GRAFTED_CLASS[name].from_pretrained(folder) for name, folder in folders.items()}
+
+
+@pytest.mark.parametrize("name", ["llava_vr", "qwen2_5_vl", "minicpmv4_6"])
+def test_what_trains_under_lora_is_what_the_summary_says(grafts, name):
+    """Every backbone's projector and Vision Remember train in full (a bare parameter stays frozen, and the summary
+    says so), the decoder through adapters, nothing else."""
+    model = active_model() if name == "llava_vr" else grafts[name]
+    config = lora_config(model, rank=2)
+    summary = lora_summary(model, config)
+    in_full, frozen = fully_trained_paths(model)
+    sizes = {path: len(list(attrgetter(path)(model).parameters())) for path in in_full}
+    adapted = peft.get_peft_model(model, config)
+    trainable = {name.removeprefix("base_model.model.") for name, p in adapted.named_parameters() if p.requires_grad}
+    assert in_full and all(path in summary for path in in_full + frozen)
+    for path, size in sizes.items():
+        copies = {n for n in trainable if n.startswith(f"{path}.modules_to_save.default.")}
+        assert len(copies) == size, f"{path} does not train in full"
+    assert all(".lora_" in n or ".modules_to_save.default." in n for n in trainable)
+    assert not any(n.startswith(path) for path in frozen for n in trainable)
+    projector = {"llava_vr": "model.multi_modal_projector", "qwen2_5_vl": "model.visual.merger"}.get(
+        name, "model.merger"
+    )
+    assert projector in in_full
+    assert ("model.image_newline" in frozen) == (name == "llava_vr")

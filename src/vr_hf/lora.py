@@ -1,6 +1,6 @@
 """LoRA and QLoRA on the decoder with PEFT; projector and Vision Remember fully trained; merging back to a checkpoint.
 
-    peft_config = lora_config(rank=16)
+    peft_config = lora_config(model, rank=16)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
                          peft_config=peft_config)
     trainer.train()
@@ -8,23 +8,26 @@
 
 Adapters go on the decoder's attention and MLP projections only: a plain list such as `["q_proj", "v_proj"]` would
 also hit the vision tower's and the Vision Remember blocks' projections. The projector and the Vision Remember blocks
-are new to the decoder, so they train in full (PEFT's `modules_to_save`). The AnyRes `image_newline` is a bare
-parameter, which `modules_to_save` cannot hold: it stays as phase 1 left it.
+are new to the decoder, so they train in full (PEFT's `modules_to_save`), wherever the model's backbone keeps them
+(`vr_hf.training.PART_PATHS`: LLaVA-VR's `multi_modal_projector`, Qwen2.5-VL's `visual.merger`, MiniCPM-V's two
+mergers). A part that is a bare parameter, not a module (LLaVA-VR's AnyRes `image_newline`), cannot be held by
+`modules_to_save`: it stays as phase 1 left it, and `lora_summary` says so.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from operator import attrgetter
 
 import torch
 from peft import LoraConfig, PeftModel
 from transformers import BitsAndBytesConfig
 
-from .training import PART_PATHS
+from .training import PART_PATHS, part_paths
 
 
 DECODER_PROJECTIONS = r"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj"
-FULLY_TRAINED_MODULES = ["multi_modal_projector", "vision_remember"]
+FULLY_TRAINED_PARTS = ("projector", "vision_remember")
 # Kept in full precision under QLoRA: everything but the decoder (the frozen vision tower, the fully trained parts and
 # the head), for every model type. Transformers matches these from the start of a module's full name (or as a suffix
 # of it): "vision_tower" alone would not match "model.vision_tower.encoder.layers.0.self_attn.q_proj".
@@ -39,24 +42,45 @@ NOT_QUANTIZED_MODULES = sorted(
 )
 
 
-def lora_config(rank: int = 16, alpha: int | None = None, dropout: float = 0.05, **kwargs) -> LoraConfig:
-    """A `LoraConfig` with adapters on every decoder projection and the projector and Vision Remember fully trained.
+def fully_trained_paths(model: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """Where `model` keeps the parts LoRA trains in full: the paths that are modules (PEFT's `modules_to_save`), and
+    those that are bare parameters, which stay as they are."""
+    found = {path: attrgetter(path)(model) for part in FULLY_TRAINED_PARTS for path in part_paths(model)[part]}
+    modules = [path for path, value in found.items() if isinstance(value, torch.nn.Module)]
+    return modules, [path for path, value in found.items() if isinstance(value, torch.nn.Parameter)]
+
+
+def lora_config(
+    model: torch.nn.Module, rank: int = 16, alpha: int | None = None, dropout: float = 0.05, **kwargs
+) -> LoraConfig:
+    """A `LoraConfig` for `model`: adapters on every decoder projection, its projector and Vision Remember in full.
 
     Args:
+        model: The model to adapt (LLaVA-VR or a graft): where it keeps its projector.
         rank: The LoRA rank `r`.
         alpha: The LoRA scaling numerator; defaults to `2 * rank`.
         dropout: Dropout on the adapters' input.
         kwargs: Any other `LoraConfig` field (e.g. `use_rslora=True`).
     """
+    modules, _ = fully_trained_paths(model)
     return LoraConfig(
         r=rank,
         lora_alpha=2 * rank if alpha is None else alpha,
         lora_dropout=dropout,
         target_modules=DECODER_PROJECTIONS,
-        modules_to_save=list(FULLY_TRAINED_MODULES),
+        modules_to_save=modules,
         task_type="CAUSAL_LM",
         **kwargs,
     )
+
+
+def lora_summary(model: torch.nn.Module, config: LoraConfig) -> str:
+    """What trains under `config`, as the log and the model card say it."""
+    modules, parameters = fully_trained_paths(model)
+    summary = f"rank {config.r} adapters on the decoder's projections; {', '.join(modules)} in full"
+    if parameters:
+        summary += f"; {', '.join(parameters)} frozen (a bare parameter, which PEFT cannot train in full)"
+    return summary + "; everything else frozen"
 
 
 def qlora_quantization_config(compute_dtype: torch.dtype = torch.bfloat16) -> BitsAndBytesConfig:
@@ -111,9 +135,11 @@ def merge_adapter_checkpoint(base_model_path, adapter_path, output_dir, dtype: t
 
 __all__ = [
     "DECODER_PROJECTIONS",
-    "FULLY_TRAINED_MODULES",
+    "FULLY_TRAINED_PARTS",
+    "fully_trained_paths",
     "NOT_QUANTIZED_MODULES",
     "lora_config",
+    "lora_summary",
     "merge_adapter_checkpoint",
     "merge_lora",
     "qlora_quantization_config",

@@ -415,6 +415,7 @@ print(pipe(text=messages, max_new_tokens=64, return_full_text=False)[0]["generat
 def train_and_save(trainer: RecipeTrainer, training_args) -> None:
     """Train (resuming where asked), save model, processor and model card, and push to the Hub where asked."""
     if trainer.is_world_process_zero():
+        print(trainer.summary)
         print(batch_summary(trainer.args))
     resume = training_args.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
