@@ -95,10 +95,12 @@ class EfficientLlavaModel(VisionRememberPreTrainedModel):
             raise ValueError(
                 "This model uses AnyRes (image_grid_pinpoints is set): pass image_sizes with pixel_values."
             )
-        if pixel_values.dim() not in (4, 5):
+        view = self.config.vision_config.image_size
+        if pixel_values.dim() not in (4, 5) or tuple(pixel_values.shape[-3:]) != (3, view, view):
             raise ValueError(
-                f"pixel_values has shape {tuple(pixel_values.shape)}: expected (views, 3, H, W) or "
-                "(images, max_views, 3, H, W) as the processor returns it."
+                f"pixel_values has shape {tuple(pixel_values.shape)}: expected (views, 3, {view}, {view}) or "
+                f"(images, max_views, 3, {view}, {view}), views of the vision tower's {view}x{view} pixels, as the "
+                "model's image processor returns them."
             )
         if image_sizes is None:
             return [None] * len(pixel_values)

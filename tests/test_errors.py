@@ -118,6 +118,15 @@ def test_pixel_values_of_the_wrong_rank(model, prompt_batch, entry_point):
 
 
 @pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+def test_views_of_the_wrong_size(model, prompt_batch, entry_point):
+    """Views resized for another vision tower: the model says what size it takes, before the tower runs."""
+    pixel_values = torch.nn.functional.interpolate(prompt_batch["pixel_values"].flatten(0, 1), size=(40, 40))
+    batch = dict(prompt_batch, pixel_values=pixel_values.unflatten(0, prompt_batch["pixel_values"].shape[:2]))
+    with pytest.raises(ValueError, match=r"shape \(2, 3, 3, 40, 40\): expected .*3, 36, 36\)"):
+        run(model, entry_point, batch)
+
+
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
 def test_views_that_do_not_match_image_sizes(model, prompt_batch, entry_point):
     """Flattened `(views, 3, H, W)` pixel values that lack some image's AnyRes tiles, and padded ones for fewer
     images than `image_sizes` names."""

@@ -12,7 +12,8 @@ import torch
 from transformers.utils import is_torchvision_available
 
 from vr_hf.cli import main
-from vr_hf.demo.compare import TEST_SEED, Settings
+from vr_hf.demo.compare import TEST_SEED
+from vr_hf.demo.settings import Settings
 from vr_hf.demo.tasks import make_split
 from vr_hf.processor import build_processor
 from vr_hf.tiny import byte_tokenizer, tiny_config

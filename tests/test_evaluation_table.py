@@ -2,6 +2,8 @@
 None of this needs lmms-eval installed."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -91,3 +93,21 @@ def test_evaluate_arguments_are_checked_before_anything_runs(capsys):
     with pytest.raises(SystemExit):
         main(["evaluate", "checkpoint", "--paper", "--tasks", "gqa"])
     assert "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["evaluate", "outputs/vr-hf/chekpoint"])
+    assert "'outputs/vr-hf/chekpoint' is no folder here, nor a Hub id" in capsys.readouterr().err
+
+
+def test_commands_start_without_loading_any_model_library():
+    """`vr-hf --help` and `vr-hf serve --help` name their options without importing torch or peft."""
+    probe = "import sys, vr_hf.cli; print(sorted({'torch', 'peft', 'transformers'} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
+    usage = subprocess.run([sys.executable, "-m", "vr_hf.cli", "--help"], capture_output=True, text=True, check=True)
+    assert usage.stdout.startswith("usage: vr-hf") and not usage.stderr
+
+
+def test_importing_vr_hf_silences_bitsandbytes_cpu_kernel_notice():
+    pytest.importorskip("bitsandbytes")
+    probe = "import vr_hf, bitsandbytes, peft"
+    assert "gemm_4bit" not in subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stderr

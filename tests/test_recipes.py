@@ -45,6 +45,15 @@ def test_defaults_are_the_papers(instruction, alignment):
     assert recipe.learning_rates("alignment", args.learning_rate) == {"projector": 1e-3, "vision_remember": 1e-3}
 
 
+def test_the_documented_flags_parse_without_warnings(instruction, recwarn):
+    """QLoRA as the docs and the error message write it, and the recipes' own defaults, which set no deprecated
+    Transformers argument on the user's behalf."""
+    qlora = ["--qlora", "--bf16", "true", "--use_cpu"]
+    _, lora, args = instruction.parse_args(["--model", "someone/llava-vr", "--data", "rows.json", *qlora])
+    assert lora.qlora and args.bf16 and args.activation_checkpointing
+    assert not [warning for warning in recwarn if issubclass(warning.category, FutureWarning)]
+
+
 def test_every_sft_config_flag_works_and_overrides_the_defaults(instruction, tmp_path):
     argv = ["--tiny", "--data", "rows.json", "--learning_rate", "1e-5", "--lr_scheduler_type", "linear"]
     argv += ["--no_gradient_checkpointing", "--report_to", "tensorboard", "--dataset_num_proc", "2"]
@@ -86,10 +95,12 @@ def test_every_sft_config_flag_works_and_overrides_the_defaults(instruction, tmp
         (["--tiny", "--part_learning_rates", "projecter=1e-3"], "the part must be one of"),
         (["--tiny", "--part_learning_rates", "projector"], "write PART=LR"),
         (["--tiny", "--qlora"], "--qlora quantizes a checkpoint as it loads: give it with --model"),
-        (["--model", "m", "--qlora", "--bf16", "false"], "--qlora trains in mixed precision"),
-        (["--model", "m", "--qlora", "--merge"], "merge a QLoRA adapter into the full-precision model"),
+        (["--model", "someone/llava-vr", "--qlora", "--bf16", "false"], "QLoRA's adapters in bf16): add --bf16 true"),
+        (["--model", "someone/llava-vr", "--qlora", "--merge"], "merge a QLoRA adapter into the full-precision model"),
         (["--tiny", "--merge"], "--merge merges LoRA adapters: add --lora"),
         (["--tiny", "--resume_from_checkpoint", "latest"], "there is no checkpoint in"),
+        (["--model", "llava-vr-algned"], "--model 'llava-vr-algned' is no folder here, nor a Hub id"),
+        (["--model", "./outputs/llava-vr"], "--model './outputs/llava-vr' is no folder here, nor a Hub id"),
     ],
 )
 def test_mistakes_are_refused_before_anything_loads(instruction, argv, error, capsys, tmp_path):

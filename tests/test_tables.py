@@ -7,7 +7,8 @@ import pytest
 
 from vr_hf.cli import parse_arguments
 from vr_hf.demo import decoders, statistics, tables
-from vr_hf.demo.compare import Settings, jobs_for
+from vr_hf.demo.compare import jobs_for
+from vr_hf.demo.settings import Settings
 from vr_hf.demo.tower import tower_config
 
 

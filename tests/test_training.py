@@ -385,3 +385,14 @@ def test_phase_step_on_a_graft_changes_exactly_its_parts(grafted, backbone, phas
     for part in parts:
         owned = {name for name in before if part_of(backbone, name) == part}
         assert changed & owned, f"{part} did not change"
+
+
+@pytest.mark.parametrize(
+    "name, text, where",
+    [("data.json", '[{"id": 1,}]', "line 1, column 11"), ("data.jsonl", '{"id": 1}\n{"id": 2', "line 2")],
+)
+def test_unparseable_data_files_are_refused_with_where(tmp_path, name, text, where):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"{name} is not valid JSON at {where}: "):
+        load_llava_json(path)

@@ -5,9 +5,7 @@ import sys
 import time
 from fractions import Fraction
 
-from .demo.ask import ask
-from .demo.compare import Settings, requested_tables, run, write_results
-from .demo.decoders import DECODERS
+from .demo.settings import DECODERS, Settings
 from .demo.tasks import FAMILIES
 
 
@@ -144,6 +142,9 @@ def main(argv=None):
         (cli.evaluate if argv[0] == "evaluate" else cli.paper_table)(argv[1:])
         return
     settings = parse_arguments(argv)
+    from .demo.ask import ask
+    from .demo.compare import requested_tables, run, write_results
+
     start = time.perf_counter()
     results = run(settings)
     print()

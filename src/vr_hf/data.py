@@ -80,8 +80,8 @@ def read_rows(json_path) -> list:
     path = Path(json_path)
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    rows = json.loads(text)
+        return [parse_json(line, path, number) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    rows = parse_json(text, path)
     if not isinstance(rows, list):
         raise ValueError(f"{path} holds a JSON {type(rows).__name__}, expected a list of rows.")
     return rows
@@ -190,6 +190,14 @@ def convert_llava_rows(rows: list, image_folder=None, on_error: str = "skip") ->
         report.rows_kept += 1
         report.text_only_rows += not example["images"]
     return converted, report
+
+
+def parse_json(text: str, path: Path, line: int | None = None):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        where = f"line {line}" if line is not None else f"line {error.lineno}, column {error.colno}"
+        raise ValueError(f"{path} is not valid JSON at {where}: {error.msg}.") from None
 
 
 def load_llava_json(json_path, image_folder=None, on_error: str = "skip", keep_ids: bool = True):

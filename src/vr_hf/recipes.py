@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from accelerate.utils import DistributedType
 from huggingface_hub import ModelCard, ModelCardData
 from trl import SFTConfig, SFTTrainer, TrlParser
 
+from .hub import check_checkpoint_source
 from .training import PARTS, PHASES
 
 
@@ -148,8 +150,13 @@ def parse_recipe_args(parser: TrlParser, argv=None) -> tuple:
 
     Every mistake found here is reported, as a command-line error, before any data or weights load.
     """
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        return check_recipe_args(*parser.parse_args_and_config(argv))
+        with warnings.catch_warnings():
+            if not any("gradient_checkpointing" in argument for argument in argv):
+                # TRL's SFTConfig sets Transformers' deprecated name itself: the warning is not for the user
+                warnings.filterwarnings("ignore", "`gradient_checkpointing` is deprecated", FutureWarning)
+            return check_recipe_args(*parser.parse_args_and_config(argv))
     except ValueError as error:
         parser.error(str(error))
 
@@ -157,6 +164,8 @@ def parse_recipe_args(parser: TrlParser, argv=None) -> tuple:
 def check_recipe_args(*parsed) -> tuple:
     *parsed, training_args = parsed
     recipe = parsed[0]
+    if recipe.model is not None:
+        check_checkpoint_source(recipe.model, "--model")
     if recipe.global_batch_size:
         if training_args.gradient_accumulation_steps != 1:
             raise ValueError(
@@ -181,8 +190,8 @@ def check_recipe_args(*parsed) -> tuple:
             raise ValueError("--qlora quantizes a checkpoint as it loads: give it with --model.")
         if not (training_args.bf16 or training_args.fp16):
             raise ValueError(
-                "--qlora trains in mixed precision (TRL keeps QLoRA's adapters in bf16): add --bf16 (with --use_cpu "
-                "on a machine without a GPU) or --fp16."
+                "--qlora trains in mixed precision (TRL keeps QLoRA's adapters in bf16): add --bf16 true (with "
+                "--use_cpu on a machine without a GPU) or --fp16 true."
             )
     check_engine(training_args)
     return (*parsed, training_args)

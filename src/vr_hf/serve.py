@@ -17,7 +17,7 @@ import sys
 from transformers import AutoModelForMultimodalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES
 
-from . import CHECKPOINT_CLASSES
+from .modeling import CHECKPOINT_CLASSES
 from .processor import load_processor
 
 
@@ -25,7 +25,7 @@ def register_with_the_server():
     """Make Transformers' server load vr-hf checkpoints like native multimodal models."""
     from transformers.cli.serving import model_manager, server
 
-    for config_class, head_class in CHECKPOINT_CLASSES:
+    for config_class, _, head_class in CHECKPOINT_CLASSES:
         AutoModelForMultimodalLM.register(config_class, head_class, exist_ok=True)
         MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES[config_class.model_type] = head_class.__name__
     model_manager.ModelManager._load_processor = load_served_processor

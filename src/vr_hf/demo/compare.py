@@ -9,7 +9,7 @@ import json
 import multiprocessing
 import os
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -18,28 +18,12 @@ from transformers import TrainerCallback
 
 from . import experiment, tables
 from .decoders import build_model, smollm2_folder
+from .settings import Settings
 from .tasks import FAMILIES, make_split
 from .tower import pretrain_tower
 
 
 TOWER_SEED, TEST_SEED = 10_000, 20_000
-
-
-@dataclass
-class Settings:
-    tables: list[str] = field(default_factory=lambda: ["main"])
-    task: str = "red"  # the task family (`tasks.FAMILIES`)
-    ratios: list[int] = field(default_factory=lambda: [3])  # downsample factors s of the main table: ratio 1/s**2
-    seeds: list[int] = field(default_factory=lambda: [0])
-    steps: int = 2500
-    learning_rate: float = 1e-3
-    batch_size: int = 32
-    train_size: int = 4000
-    test_size: int = 400
-    tower_steps: int = 400
-    workers: int = 2
-    decoder: str = "tiny"
-    output_dir: str = "outputs/vr-hf"
 
 
 @dataclass

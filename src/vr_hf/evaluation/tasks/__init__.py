@@ -16,7 +16,8 @@ from datasets import Image as ImageFeature
 from lmms_eval.api.task import ConfigurableTask
 from PIL import Image
 
-from ...demo.compare import TEST_SEED, Settings
+from ...demo.compare import TEST_SEED
+from ...demo.settings import Settings
 from ...demo.tasks import LETTERS, MARKERS, make_split
 
 

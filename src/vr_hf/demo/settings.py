@@ -1,0 +1,23 @@
+"""What a `vr-hf` run is asked to do; light, so that `vr-hf --help` starts at once."""
+
+from dataclasses import dataclass, field
+
+
+DECODERS = ("tiny", "smollm2")
+
+
+@dataclass
+class Settings:
+    tables: list[str] = field(default_factory=lambda: ["main"])
+    task: str = "red"  # the task family (`tasks.FAMILIES`)
+    ratios: list[int] = field(default_factory=lambda: [3])  # downsample factors s of the main table: ratio 1/s**2
+    seeds: list[int] = field(default_factory=lambda: [0])
+    steps: int = 2500
+    learning_rate: float = 1e-3
+    batch_size: int = 32
+    train_size: int = 4000
+    test_size: int = 400
+    tower_steps: int = 400
+    workers: int = 2
+    decoder: str = "tiny"
+    output_dir: str = "outputs/vr-hf"
