@@ -5,7 +5,9 @@ than the oldest release these files are tested with, before anything they import
 clearly.
 """
 
+import difflib
 import re
+from dataclasses import fields
 
 import transformers
 from huggingface_hub.dataclasses import strict
@@ -86,6 +88,7 @@ class VisionRememberSettings(PreTrainedConfig):
     generation_prompt_ids: list[int] | None = None
 
     def __post_init__(self, **kwargs):
+        refuse_misspelled_settings(type(self), kwargs)
         super().__post_init__(**kwargs)
         if self.remember_after_layers is None:
             self.remember_after_layers = [0, 3]
@@ -158,6 +161,17 @@ class VisionRememberSettings(PreTrainedConfig):
             raise ValueError(f"deformable_points={self.deformable_points} must be at least 1.")
         if self.generation_prompt_ids is not None and not self.generation_prompt_ids:
             raise ValueError("generation_prompt_ids is empty: give the generation prompt's token ids, or None.")
+
+
+def refuse_misspelled_settings(config_class: type, unknown: dict):
+    """A keyword the config does not know that is one typo from one of its own settings (not those every Transformers
+    config has) would otherwise be kept as a plain attribute, and the setting's default used in its place."""
+    common = {field.name for field in fields(PreTrainedConfig)}
+    settings = [field.name for field in fields(config_class) if field.name not in common]
+    for key in unknown:
+        closest = difflib.get_close_matches(key, settings, n=1, cutoff=0.8)
+        if closest:
+            raise ValueError(f"{key!r} is not a setting of {config_class.__name__}: did you mean {closest[0]!r}?")
 
 
 __all__ = ["VisionRememberSettings"]

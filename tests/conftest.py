@@ -44,7 +44,7 @@ def prompt_end_unknown(model):
     """The reference that the no-leak tests compare with: a model that cannot tell where a prompt ends (no
     generation prompt, no labels) lets all of a sample's text feed its text-guided token."""
     known = model.config.generation_prompt_ids
-    model.config.generation_prompt_ids = []
+    model.config.generation_prompt_ids = None
     try:
         yield
     finally:

@@ -49,6 +49,16 @@ def test_invalid_config(overrides, message):
         tiny_config(**overrides)
 
 
+@pytest.mark.parametrize(
+    "typo, setting", [("remember_after_layer", "remember_after_layers"), ("downsample_factr", "downsample_factor")]
+)
+def test_a_misspelled_setting_is_refused_with_the_closest_one(typo, setting):
+    refused = f"'{typo}' is not a setting of VisionRememberConfig: did you mean '{setting}'"
+    with pytest.raises(ValueError, match=refused):
+        tiny_config(**{typo: 0})
+    tiny_config(unrelated_note="kept")  # keys far from every setting stay, as Transformers keeps them
+
+
 def test_invalid_config_is_refused_at_save_too(tmp_path):
     config = tiny_config()
     config.interaction = "sparse"
