@@ -70,6 +70,7 @@ def parts(tmp_path_factory):
 
     # No ChatML tokens either, and a vocabulary larger than the tokenizer (as Qwen2's padded one is).
     llama_tokenizer = byte_tokenizer(["<|endoftext|>"], eos_token="<|endoftext|>")
+    llama_tokenizer.padding_side = "right"  # as Llama's tokenizers pad
     llama = LlamaForCausalLM(
         LlamaConfig(
             vocab_size=len(llama_tokenizer) + 2,
@@ -197,6 +198,39 @@ def test_converted_checkpoint_generates(converted, decoder):
     assert torch.isfinite(logits).all()
     assert generated.shape[1] > inputs["input_ids"].shape[1]
     assert isinstance(processor.decode(generated[0, inputs["input_ids"].shape[1] :]), str)
+
+
+@pytest.mark.parametrize("decoder", ["qwen2", "llama"])
+def test_a_batch_generates_what_each_prompt_generates_alone(converted, decoder):
+    """The converted processor pads on the left whatever the decoder's tokenizer did (Llama's pads on the right), so
+    a batch's prompts end where generation starts."""
+    folder = converted[decoder]
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    with torch.no_grad():
+        for module in model.model.vision_remember.modules():  # make Vision Remember matter, as a trained one does
+            if type(module).__name__ == "OutputProjection":
+                module.weight.normal_(std=0.5)
+    assert processor.tokenizer.padding_side == "left"
+    questions = ["Hi?", "What is in this picture, in a few words?"]
+    prompts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
+            add_generation_prompt=True,
+        )
+        for text in questions
+    ]
+    images = [image(), image(60, 30)]
+
+    def generate(indices):
+        inputs = processor(
+            images=[images[i] for i in indices], text=[prompts[i] for i in indices], padding=True, return_tensors="pt"
+        )
+        output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        return output[:, inputs["input_ids"].shape[1] :]
+
+    batch = generate([0, 1])
+    assert torch.equal(batch[0], generate([0])[0]) and torch.equal(batch[1], generate([1])[0])
 
 
 def test_bad_input_raises_and_writes_nothing(parts, tmp_path):

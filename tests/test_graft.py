@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText, AutoTokenizer
 
 from vr_hf.conversion import ConversionError, graft_minicpmv4_6, graft_qwen2_5_vl, strip_vision_remember
 from vr_hf.conversion.graft import CarriedFiles
 from vr_hf.modeling.modeling_vision_remember_base import RememberImageOutputs
 from vr_hf.modeling.vision_remember import concat_windows
+from vr_hf.tiny import byte_tokenizer
 
 from conftest import random_image
 from tiny_grafts import (
@@ -375,3 +376,14 @@ def test_cli(checkpoints, tmp_path, capsys):
 
     main = runpy.run_path(script)["main"]
     assert main(arguments) == 1 and "not empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "minicpmv4_6"])
+def test_a_grafted_checkpoint_pads_prompts_on_the_left(tmp_path, name):
+    """Whatever side the source's tokenizer padded on, a grafted checkpoint's pads on the left, as generation needs."""
+    source = tiny_sources(tmp_path)[name]
+    right = byte_tokenizer()
+    right.padding_side = "right"
+    right.save_pretrained(source)
+    folder = GRAFT[name](source, tmp_path / f"{name}-vr", **SETTINGS)
+    assert AutoTokenizer.from_pretrained(folder).padding_side == "left"

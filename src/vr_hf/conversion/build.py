@@ -362,6 +362,7 @@ def build_from_parts(
     model.generation_config = generation_config
     model.to(dtype)
 
+    tokenizer.padding_side = "left"  # a batch's prompts end where generation starts
     processor = build_processor(config, tokenizer, **_image_statistics(vision_source))
     text_label = os.path.join(os.fspath(text_model), gguf_file) if gguf_file else text_model
     card = _model_card(model, vision_model, text_label, added_tokens, old_vocab)

@@ -13,9 +13,11 @@ end, so a failed conversion leaves no output folder.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from huggingface_hub import snapshot_download
@@ -73,7 +75,8 @@ GRAFTED = {backbone.graft_config_class.model_type: model_type for model_type, ba
 
 
 class CarriedFiles:
-    """The source checkpoint's other files (tokenizer, processor, chat template), written beside the new weights."""
+    """The source checkpoint's other files (tokenizer, processor, chat template), written beside the new weights; the
+    tokenizer pads on the left, as generation needs (a batch's prompts then end where generation starts)."""
 
     def __init__(self, folder: str):
         self.folder = folder
@@ -84,6 +87,10 @@ class CarriedFiles:
             carried = os.path.isfile(path) and not name.startswith(".") and not name.endswith(MODEL_FILE_SUFFIXES)
             if carried and name not in MODEL_FILES and not os.path.exists(target):
                 shutil.copy2(path, target)
+        tokenizer_config = Path(output_dir, "tokenizer_config.json")
+        if tokenizer_config.is_file():
+            settings = json.loads(tokenizer_config.read_text())
+            tokenizer_config.write_text(json.dumps({**settings, "padding_side": "left"}, indent=2) + "\n")
 
 
 def _local_folder(source: str) -> str:
