@@ -53,7 +53,10 @@ class VisionRememberProcessor(ProcessorMixin):
         self.image_token = image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
-            raise ValueError(f"The tokenizer does not know image_token={image_token!r}: add it as a special token.")
+            raise ValueError(
+                f"The tokenizer does not know image_token={image_token!r}: add it as a special token. (It holds "
+                f"{len(tokenizer)} tokens; one loaded from a folder that lacks its tokenizer.json holds almost none.)"
+            )
         super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE, **kwargs)
 
     @property

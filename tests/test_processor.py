@@ -1,12 +1,17 @@
 """The processor writes exactly as many image tokens as the model makes vision tokens, for any image size."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
 from vr_hf import VisionRememberProcessor
-from vr_hf.processor import build_processor
+from vr_hf.processor import build_processor, load_processor
+from vr_hf.tiny import byte_tokenizer, tiny_config
 
 from conftest import build_model, conversation, random_image
+from tiny_grafts import grafted_checkpoint
 
 
 SIZES = [(36, 36), (20, 72), (72, 20), (50, 90), (90, 50), (7, 200), (200, 7), (123, 61), (1, 1), (300, 300)]
@@ -55,3 +60,26 @@ def test_generation_prompt_and_batch_decode(processor):
 def test_unknown_image_token_is_refused(tokenizer):
     with pytest.raises(ValueError, match="does not know image_token"):
         VisionRememberProcessor(image_processor=None, tokenizer=tokenizer, image_token="<image>")
+
+
+@pytest.mark.parametrize("name", ["llava_vr", "qwen2_5_vl"])
+def test_a_checkpoint_without_its_tokenizer_json_is_refused_at_load(tmp_path, name):
+    """A real tokenizer (Qwen2's class) saved without tokenizer.json loads with almost no vocabulary: refused when
+    the processor loads, naming the missing file (LLaVA-VR's processor names it itself)."""
+    folder = tmp_path / name
+    if name == "llava_vr":
+        build_model().save_pretrained(folder)
+        build_processor(tiny_config(), byte_tokenizer()).save_pretrained(folder)
+    else:
+        folder = Path(grafted_checkpoint(tmp_path, name))
+    (folder / "tokenizer.json").unlink()
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**settings, "tokenizer_class": "Qwen2Tokenizer"}))
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        load_processor(str(folder))
+
+
+def test_build_processor_names_a_missing_image_token():
+    config = tiny_config(image_token_id=300)
+    with pytest.raises(ValueError, match="no token at config.image_token_id=300 .* add the image token"):
+        build_processor(config, byte_tokenizer())

@@ -8,6 +8,8 @@ text still go through its own code (with the PIL image processor Transformers fa
 are refused.
 """
 
+import os
+
 from transformers import CONFIG_MAPPING, AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 from transformers.utils import is_torchvision_available
@@ -37,7 +39,14 @@ def build_image_processor(config: VisionRememberConfig, image_mean=(0.5, 0.5, 0.
 
 
 def build_processor(config: VisionRememberConfig, tokenizer, **image_processor_kwargs) -> VisionRememberProcessor:
+    """The processor for a model of `config`: the image token is the tokenizer's token at `config.image_token_id`."""
     image_token = tokenizer.convert_ids_to_tokens(config.image_token_id)
+    if image_token is None:
+        raise ValueError(
+            f"The tokenizer has no token at config.image_token_id={config.image_token_id} (it holds {len(tokenizer)} "
+            "tokens): add the image token (e.g. '<|image_pad|>') to the tokenizer and set image_token_id to its id, "
+            "as vr_hf.conversion.build_from_parts does."
+        )
     return VisionRememberProcessor(
         image_processor=build_image_processor(config, **image_processor_kwargs),
         tokenizer=tokenizer,
@@ -105,5 +114,24 @@ def load_processor(pretrained: str, config=None, **kwargs):
     config = config or AutoConfig.from_pretrained(pretrained, trust_remote_code=True, **kwargs)
     backbone = getattr(config, "backbone_model_type", None)  # set by grafted configs only
     if backbone is None or is_torchvision_available():
-        return AutoProcessor.from_pretrained(pretrained, trust_remote_code=True, **kwargs)
-    return without_video(PROCESSOR_MAPPING[CONFIG_MAPPING[backbone]]).from_pretrained(pretrained, **kwargs)
+        processor = AutoProcessor.from_pretrained(pretrained, trust_remote_code=True, **kwargs)
+    else:
+        processor = without_video(PROCESSOR_MAPPING[CONFIG_MAPPING[backbone]]).from_pretrained(pretrained, **kwargs)
+    check_image_token(processor, config, pretrained)
+    return processor
+
+
+def check_image_token(processor, config, pretrained: str):
+    """Refuse a processor whose image placeholder is not the model's: the model would find no image in its text."""
+    tokenizer = processor.tokenizer
+    image_token_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+    if image_token_id == config.image_token_id:
+        return
+    cause = f"the tokenizer holds {len(tokenizer)} tokens"
+    if os.path.isdir(pretrained) and not os.path.isfile(os.path.join(pretrained, "tokenizer.json")):
+        cause += f": {pretrained} has no tokenizer.json, and a tokenizer loaded without it holds almost nothing"
+    raise ValueError(
+        f"The processor's image token {processor.image_token!r} has id {image_token_id}, but the model's config "
+        f"expects image_token_id={config.image_token_id} ({cause}). Save the checkpoint's own tokenizer with it "
+        "(processor.save_pretrained)."
+    )
