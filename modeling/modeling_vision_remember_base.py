@@ -212,6 +212,7 @@ class VisionRememberModelMixin(VisionRememberPreTrainedMixin):
         images = (mm_encoder_outputs or {}).get("image")
         if pixel_values is not None and images is not None:
             raise ValueError("Pass either pixel_values or mm_encoder_outputs['image'], not both.")
+        stand_in = None
         if pixel_values is not None and len(pixel_values) > 0 or images is not None:
             labels = labels if labels is not None else self.caller_labels
             turns = self.read_turns(
@@ -235,8 +236,8 @@ class VisionRememberModelMixin(VisionRememberPreTrainedMixin):
                     layout, images.remember_features, images.window_index
                 )
         elif self.training and torch.is_grad_enabled():
-            inputs_embeds = self.run_stand_in_image(input_ids, inputs_embeds, kwargs)
-        return super().forward(
+            stand_in = self.run_stand_in_image(len(input_ids if input_ids is not None else inputs_embeds), kwargs)
+        outputs = super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
             pixel_values=pixel_values,
@@ -244,6 +245,12 @@ class VisionRememberModelMixin(VisionRememberPreTrainedMixin):
             mm_encoder_outputs=mm_encoder_outputs,
             **kwargs,
         )
+        if stand_in is None:
+            return outputs
+        if isinstance(outputs, tuple):  # return_dict=False
+            return (outputs[0] + stand_in, *outputs[1:])
+        outputs.last_hidden_state = outputs.last_hidden_state + stand_in
+        return outputs
 
     def read_turns(
         self,
@@ -259,7 +266,9 @@ class VisionRememberModelMixin(VisionRememberPreTrainedMixin):
         """The batch's image placeholders and prompt turns, read from the device once (nothing after this waits on
         the device), the placeholders checked against the images before any of them is encoded."""
         placeholders = placeholder_mask(self, input_ids, inputs_embeds)
-        if isinstance(attention_mask, torch.Tensor) and attention_mask.shape[-1] != placeholders.shape[1]:
+        # A 2D mask spans the past and present tokens; a 4D one (static caches build it) the whole cache
+        spans_sequence = isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
+        if spans_sequence and attention_mask.shape[-1] != placeholders.shape[1]:
             raise ValueError(
                 f"The images came with {placeholders.shape[1]} tokens and an attention mask over "
                 f"{attention_mask.shape[-1]}: images cannot continue a cached sequence, since Vision Remember reads "
@@ -271,15 +280,15 @@ class VisionRememberModelMixin(VisionRememberPreTrainedMixin):
         check_image_tokens(turns.placeholders, counts)
         return turns
 
-    def run_stand_in_image(self, input_ids, inputs_embeds, kwargs: dict) -> torch.Tensor:
+    def run_stand_in_image(self, batch_size: int, kwargs: dict) -> torch.Tensor:
         """A training batch without images runs the vision path anyway, on a stand-in image and with zero weight, in
         the order a batch with images runs it: every rank then uses every parameter in the same order on every step,
         as DDP without its unused-parameter search and DeepSpeed ZeRO-3 (whose ranks gather each module's weights
-        together) need. Returns the input embeddings, plus the stand-in's zero; sets the blocks' stand-in context."""
+        together) need. Sets the blocks' stand-in context; returns the zero to add to the decoder's output."""
         images = self.encode_images(**self.stand_in_image())
         zero = images.zero()
         if self.vision_remember is not None:
-            placeholders = torch.zeros(len(input_ids if input_ids is not None else inputs_embeds), 1, dtype=torch.bool)
+            placeholders = torch.zeros(batch_size, 1, dtype=torch.bool)
             placeholders[0, 0] = True  # one stand-in token, where the first sample starts; its updates are zero
             pooled = placeholders if self.vision_remember.text_guidance else None
             layout = TokenLayout.from_turns(
