@@ -36,15 +36,15 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from vr_hf import VisionRememberConfig, VisionRememberForConditionalGeneration
 from vr_hf.modeling.image_layout import ImageLayout, image_windows
-from vr_hf.modeling.vision_remember import (
+from vr_hf.modeling.vision_remember import TokenLayout, VisionRemember
+from vr_hf.modeling.vision_remember_attention import (
     AttentionSettings,
-    TokenLayout,
-    VisionRemember,
     attend_images,
     attend_windows,
     flash_problems,
     uses_torch_varlen,
 )
+from vr_hf.tiny import TINY_TEXT, TINY_VISION
 
 
 # The KV cache's name in outputs and arguments: Transformers 5.24 renamed `past_key_values` to `cache`.
@@ -76,25 +76,9 @@ def cpu_small_setup(repeats, decode_tokens) -> Setup:
     """The same shape of model, scaled down: 12x12 patches per view, 5 views, a 4-layer decoder, float32."""
     config = dict(
         vision_config=dict(
-            model_type="siglip_vision_model",
-            hidden_size=128,
-            intermediate_size=512,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            image_size=96,
-            patch_size=8,
-            vision_use_head=False,
+            TINY_VISION, hidden_size=128, intermediate_size=512, num_hidden_layers=4, image_size=96, patch_size=8
         ),
-        text_config=dict(
-            model_type="qwen2",
-            vocab_size=2048,
-            hidden_size=256,
-            intermediate_size=1024,
-            num_hidden_layers=6,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-        ),
+        text_config=dict(TINY_TEXT, vocab_size=2048, hidden_size=256, intermediate_size=1024, num_hidden_layers=6),
         image_token_id=2047,
         vision_feature_layers=[1, 2, 3],
         cross_attention_heads=4,
@@ -286,7 +270,7 @@ def measure_cross_attention(setup: Setup, downsample_factor: int, bandwidth: flo
     query = random(tokens, heads, head_dim)
     inputs = {
         "local": (random(tokens, downsample_factor**2, heads, head_dim),),
-        "global": (random(features, heads, head_dim), [tokens], [features]),
+        "global": (random(features, heads, head_dim), [tokens], [features], image_lengths(tokens, features, setup)),
     }
     attention = {"local": attend_windows, "global": attend_images}
     results = {}
@@ -313,6 +297,11 @@ def measure_cross_attention(setup: Setup, downsample_factor: int, bandwidth: flo
                 keys=keys[0].shape[-3],
             )
     return results
+
+
+def image_lengths(tokens: int, features: int, setup) -> tuple:
+    """One image's token and feature counts as `attend_images` takes them for FlashAttention: int32 on the device."""
+    return tuple(torch.tensor([count], dtype=torch.int32, device=setup.device) for count in (tokens, features))
 
 
 def measure_block_graph(setup: Setup, downsample_factor: int) -> dict:

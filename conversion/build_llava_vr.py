@@ -8,7 +8,7 @@ import sys
 
 from vr_hf.conversion import build_from_parts
 from vr_hf.conversion.cli import add_output_arguments, add_vision_remember_arguments, run, vision_remember_settings
-from vr_hf.modeling.configuration_vision_remember import PROJECTOR_TYPES
+from vr_hf.modeling.configuration_llava_vr import PROJECTOR_TYPES
 
 
 EPILOG = """example:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Strip Vision Remember from a grafted Qwen2.5-VL or MiniCPM-V 4.6 checkpoint: the native architecture, config and
-weight keys again (a thin command over `vr_hf.conversion.strip_vision_remember`)."""
+"""Strip Vision Remember from a grafted checkpoint (Qwen2.5-VL, Qwen3-VL, MiniCPM-V 4.6): the native architecture,
+config and weight keys again (a thin command over `vr_hf.conversion.strip_vision_remember`)."""
 
 import argparse
 import sys

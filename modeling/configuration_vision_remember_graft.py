@@ -25,10 +25,11 @@ class VisionRememberGraftConfig(VisionRememberSettings):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        if getattr(self, "auto_map", None) is None and self.remote_code_files is not None:
+        if self.remote_code_files is not None:  # this code's own files
             configuration, modeling = self.remote_code_files
             name = type(self).__name__.removesuffix("Config")
             self.auto_map = {
+                **(getattr(self, "auto_map", None) or {}),
                 "AutoConfig": f"{configuration}.{type(self).__name__}",
                 "AutoModel": f"{modeling}.{name}Model",
                 "AutoModelForImageTextToText": f"{modeling}.{name}ForConditionalGeneration",
@@ -37,8 +38,13 @@ class VisionRememberGraftConfig(VisionRememberSettings):
     @classmethod
     def graft_fields(cls) -> list[str]:
         """The fields this class adds to the native config: what stripping Vision Remember removes."""
-        native = {field.name for field in fields(PreTrainedConfig)}
-        return [field.name for field in fields(VisionRememberSettings) if field.name not in native]
+        native_class = next(
+            base
+            for base in cls.__mro__
+            if issubclass(base, PreTrainedConfig) and not issubclass(base, VisionRememberSettings)
+        )
+        native = {field.name for field in fields(native_class)}
+        return [field.name for field in fields(cls) if field.name not in native]
 
     @property
     def max_vision_feature_layer(self) -> int:

@@ -31,6 +31,7 @@ class PromptTurns:
 
     placeholders: torch.Tensor  # the image placeholders
     pooled: torch.Tensor  # the text that may feed a text-guided token
+    # `(batch, sequence + 1)`, since a prompt may end with the sequence:
     answer_starts: torch.Tensor  # the first position of each run of supervised tokens
     generation_prompt_ends: torch.Tensor  # the first position after each generation prompt
 
@@ -46,26 +47,33 @@ class PromptTurns:
         if prompt_mask is not None:
             prompt_mask = prompt_mask.bool()[:, : pooled.shape[1]]
             pooled &= F.pad(prompt_mask, (0, pooled.shape[1] - prompt_mask.shape[1]), value=False)
-        marks = placeholders.to(torch.uint8) * PLACEHOLDER + pooled.to(torch.uint8) * POOLED
+        marks = F.pad(placeholders.to(torch.uint8) * PLACEHOLDER + pooled.to(torch.uint8) * POOLED, (0, 1))
         if labels is not None:
             supervised = labels != IGNORE_INDEX
-            marks += (supervised & ~F.pad(supervised[:, :-1], (1, 0), value=False)).to(torch.uint8) * ANSWER_START
+            starts = supervised & ~F.pad(supervised[:, :-1], (1, 0), value=False)
+            marks[:, :-1] += starts.to(torch.uint8) * ANSWER_START
         prompt_ids = config.generation_prompt_ids
-        if input_ids is not None and prompt_ids and input_ids.shape[1] > len(prompt_ids):
+        if input_ids is not None and prompt_ids and input_ids.shape[1] >= len(prompt_ids):
             found = (input_ids.unfold(1, len(prompt_ids), 1) == input_ids.new_tensor(prompt_ids)).all(dim=-1)
-            marks[:, len(prompt_ids) :] += found[:, :-1].to(torch.uint8) * GENERATION_PROMPT_END
+            marks[:, len(prompt_ids) :] += found.to(torch.uint8) * GENERATION_PROMPT_END
         marks = marks.cpu()
-        return cls(*(marks & bit > 0 for bit in (PLACEHOLDER, POOLED, ANSWER_START, GENERATION_PROMPT_END)))
+        placeholders, pooled = (marks[:, :-1] & bit > 0 for bit in (PLACEHOLDER, POOLED))
+        return cls(placeholders, pooled, marks & ANSWER_START > 0, marks & GENERATION_PROMPT_END > 0)
+
+    @property
+    def ends_so_far(self) -> torch.Tensor:
+        """`(batch, sequence + 1)`: how many prompts of each sample end at or before each position."""
+        return (self.answer_starts | self.generation_prompt_ends).cumsum(dim=1)
 
     @property
     def turns(self) -> torch.Tensor:
         """Each position's turn: how many prompts of its sample end at or before it."""
-        return (self.answer_starts | self.generation_prompt_ends).cumsum(dim=1)
+        return self.ends_so_far[:, :-1]
 
     def warn_where_unclear(self, config, labels_given: bool, prompt_mask_given: bool):
         """Say once where the rule cannot do what the caller most likely wants."""
         token_batch, token_position = self.placeholders.nonzero(as_tuple=True)
-        turns = self.turns
+        turns, ends = self.turns, self.ends_so_far[:, -1]
         token_turn = turns[token_batch, token_position]
         if labels_given:
             first_pooled = self.pooled.int().argmax(dim=1)
@@ -80,7 +88,7 @@ class PromptTurns:
                     "token pools less of the prompt than at inference. Supervise the answers only (labels -100 on the "
                     "prompt, or SFTConfig(assistant_only_loss=True))."
                 )
-        elif not prompt_mask_given and (turns[token_batch, -1] == token_turn).any():
+        elif not prompt_mask_given and (ends[token_batch] == token_turn).any():
             logger.warning_once(
                 "Vision Remember cannot tell where the prompt of a sample ends (no generation prompt "
                 f"{config.generation_prompt_ids} follows its last image), so all the text after it feeds the "

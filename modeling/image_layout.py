@@ -14,7 +14,7 @@ from transformers.models.llava_next.modeling_llava_next import (
     unpad_image,
 )
 
-from .configuration_vision_remember import VisionRememberConfig
+from .configuration_llava_vr import VisionRememberConfig
 from .vision_remember import NO_WINDOW, block_windows
 
 

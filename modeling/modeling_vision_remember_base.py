@@ -103,7 +103,7 @@ def check_image_tokens(placeholders: torch.Tensor, tokens_per_image: list[int]):
             )
 
 
-def hand_labels_to_model(module, args, kwargs):
+def keep_caller_labels(module, args, kwargs):
     """Forward pre-hook on the head. Trainers with a fused LM head (TRL's `SFTTrainer`) keep `labels` for themselves
     and call `self.model` without them: hand them over, so the text-guided token still never pools an answer."""
     module.model.caller_labels = kwargs.get("labels")
@@ -296,9 +296,7 @@ class VisionRememberModelMixin(VisionRememberPreTrainedMixin):
             )
             features, windows = images.remember_features[:1], [images.window_index[0][:1]]
             kwargs["vision_remember"] = self.vision_remember.prepare(layout, features, windows, stand_in=zero)
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        return inputs_embeds + zero
+        return zero
 
 
 class VisionRememberForConditionalGenerationMixin(VisionRememberPreTrainedMixin):
@@ -308,7 +306,7 @@ class VisionRememberForConditionalGenerationMixin(VisionRememberPreTrainedMixin)
     def hand_labels_to_model(self):
         """Call in `__init__`. Trainers with a fused LM head call `self.model` without `labels`: hand them over, so
         the text-guided token still never pools an answer."""
-        self.register_forward_pre_hook(hand_labels_to_model, with_kwargs=True)
+        self.register_forward_pre_hook(keep_caller_labels, with_kwargs=True)
         self.register_forward_hook(forget_caller_labels, with_kwargs=True, always_call=True)
 
     def generate(self, inputs: torch.Tensor | None = None, **kwargs):

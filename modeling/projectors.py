@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.activations import ACT2FN
 
-from .configuration_vision_remember import VisionRememberConfig
+from .configuration_llava_vr import VisionRememberConfig
 from .vision_remember import AttentionSettings, attend
 
 

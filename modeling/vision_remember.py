@@ -15,14 +15,7 @@ All sizes come from the layout and the tensors' shapes: on SDPA and eager attent
 waits on the device, so the decoder with its blocks compiles as one graph (FlashAttention's packing by boolean masks
 reads their counts from the device).
 
-Attention follows the model's `attn_implementation`:
-- `eager`: the reference, Transformers' eager attention on padded layouts;
-- `sdpa` (and any other non-flash implementation): the same layouts, with the windowed cross-attention (one query
-  per token, `s*s` keys) as one call of `torch.nn.functional.scaled_dot_product_attention`, its fastest form measured
-  by `benchmarks/benchmark.py`;
-- `flash_attention_*`: FlashAttention's varlen kernels on packed tokens, without padding (window holes, samples with
-  fewer vision tokens). Where FlashAttention cannot run the inputs (not on CUDA, not half precision, head_dim above
-  256) the blocks fall back to SDPA and say why once.
+Attention follows the model's `attn_implementation` (`vision_remember_attention`).
 """
 
 import math
@@ -33,160 +26,14 @@ from functools import partial
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.utils.rnn import pad_sequence
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import eager_attention_forward
-from transformers.utils import logging
-from transformers.utils.import_utils import (
-    is_flash_attn_2_available,
-    is_flash_attn_3_available,
-    is_flash_attn_4_available,
-)
 
-from .configuration_vision_remember_settings import FLASH_MAX_HEAD_DIM, VisionRememberSettings
+from .configuration_vision_remember_settings import VisionRememberSettings
+from .vision_remember_attention import AttentionSettings, attend, attend_images, attend_varlen, attend_windows, backend
 
 
-try:
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:  # torch before 2.10
-    varlen_attn = None
-
-
-logger = logging.get_logger(__name__)
-
-FLASH_PACKAGES = {
-    "flash_attention_2": is_flash_attn_2_available,
-    "flash_attention_3": is_flash_attn_3_available,
-    "flash_attention_4": is_flash_attn_4_available,
-}
 NO_WINDOW = -1
-
-
-def flash_problems(module: nn.Module, tensor: torch.Tensor) -> list[str]:
-    """Why FlashAttention cannot run `module`'s attention on inputs like `tensor`; empty when it can."""
-    problems = []
-    if tensor.device.type != "cuda":
-        problems.append(f"it runs on CUDA devices only, not {tensor.device.type}")
-    if tensor.dtype not in (torch.float16, torch.bfloat16):
-        problems.append(f"it needs float16 or bfloat16, not {tensor.dtype}")
-    if module.head_dim > FLASH_MAX_HEAD_DIM:
-        problems.append(f"head_dim {module.head_dim} is above its limit of {FLASH_MAX_HEAD_DIM} (use more heads)")
-    implementation = module.config._attn_implementation
-    if implementation in FLASH_PACKAGES and not FLASH_PACKAGES[implementation]() and varlen_attn is None:
-        problems.append("neither its package nor torch's own varlen kernels (torch.nn.attention.varlen) are here")
-    return problems
-
-
-def uses_torch_varlen(implementation: str) -> bool:
-    """FlashAttention asked for without its package: torch's own varlen kernels (the same FlashAttention algorithm,
-    shipped with torch) run the packed attention instead."""
-    package = FLASH_PACKAGES.get(implementation)
-    return package is not None and not package() and varlen_attn is not None
-
-
-def backend(module: nn.Module, tensor: torch.Tensor) -> str:
-    """The attention implementation for `module` on inputs like `tensor`: the model's, or SDPA where FlashAttention
-    was asked for and cannot run them."""
-    implementation = module.config._attn_implementation or "eager"
-    if "flash" not in implementation:
-        return implementation
-    problems = flash_problems(module, tensor)
-    if problems:
-        logger.warning_once(
-            f"{implementation} cannot run Vision Remember's attention ({'; '.join(problems)}): it falls back to sdpa."
-        )
-        return "sdpa"
-    return implementation
-
-
-def attend(module: nn.Module, query, key, value, key_mask=None, **kwargs):
-    """Non-causal attention through Transformers' attention interface.
-
-    `query`, `key`, `value`: `(batch, heads, length, head_dim)`; `key_mask`: `(batch, key_length)`, True to attend;
-    `kwargs` reach the attention function (FlashAttention's `cu_seq_lens_q`, ... for packed sequences).
-    Returns `(batch, query_length, heads, head_dim)`.
-    """
-    implementation = backend(module, query)
-    attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-    mask = key_mask
-    if key_mask is not None and "flash" not in implementation:
-        mask = key_mask[:, None, None, :]  # SDPA takes it as it is; the others add it to the scores
-        if implementation != "sdpa":
-            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
-                ~mask, torch.finfo(query.dtype).min
-            )
-    output, _ = attention(
-        module, query, key, value, mask, scaling=module.scaling, dropout=0.0, is_causal=False, **kwargs
-    )
-    return output
-
-
-def sequence_starts(lengths: torch.Tensor) -> torch.Tensor:
-    """FlashAttention's `cu_seqlens`: `(len(lengths) + 1,)` int32 offsets of packed sequences."""
-    return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-
-
-def attend_packed(module: nn.Module, query, key, value, query_lengths, key_lengths, max_query, max_key):
-    """FlashAttention varlen over packed sequences: `query` `(total_q, heads, head_dim)`, `key` and `value`
-    `(total_k, heads, head_dim)`. Returns `(total_q, heads, head_dim)`. The flash-attn package's kernels through
-    Transformers' attention interface where installed, else torch's own."""
-    starts = sequence_starts(query_lengths), sequence_starts(key_lengths)
-    if uses_torch_varlen(module.config._attn_implementation):  # its default scale, head_dim**-0.5, is the blocks'
-        return varlen_attn(query, key, value, *starts, max_query, max_key)
-    query, key, value = (tensor[None].transpose(1, 2) for tensor in (query, key, value))
-    output = attend(
-        module,
-        query,
-        key,
-        value,
-        cu_seq_lens_q=starts[0],
-        cu_seq_lens_k=starts[1],
-        max_length_q=max_query,
-        max_length_k=max_key,
-    )
-    return output[0]
-
-
-def attend_windows(module: nn.Module, query, window, window_mask=None) -> torch.Tensor:
-    """Each token's one query against its window, whose features are keys and values.
-
-    `query`: `(tokens, heads, head_dim)`; `window`: `(tokens, window, heads, head_dim)`; `window_mask`:
-    `(tokens, window)`, True where there is a feature. Returns `(tokens, heads, head_dim)`.
-    """
-    implementation = backend(module, query)
-    num_tokens, width = window.shape[:2]
-    if "flash" in implementation:
-        if window_mask is None:
-            keys, key_lengths = window.flatten(0, 1), window.new_full((num_tokens,), width, dtype=torch.int32)
-        else:
-            keys, key_lengths = window[window_mask], window_mask.sum(1, dtype=torch.int32)
-        return attend_packed(module, query, keys, keys, torch.ones_like(key_lengths), key_lengths, 1, width)
-    keys = window.transpose(1, 2)
-    if implementation == "eager":
-        return attend(module, query[:, :, None], keys, keys, window_mask)[:, 0]
-    mask = None if window_mask is None else window_mask[:, None, None, :]
-    output = F.scaled_dot_product_attention(query[:, :, None], keys, keys, attn_mask=mask, scale=module.scaling)
-    return output[:, :, 0]
-
-
-def attend_images(module: nn.Module, query, features, tokens_per_image: list[int], features_per_image: list[int]):
-    """Each image's tokens' queries against all of that image's features, shared as keys and values (no per-token
-    copies). `query`: `(tokens, heads, head_dim)`, image after image; `features`: `(features, heads, head_dim)`, image
-    after image. Returns `(tokens, heads, head_dim)`."""
-    if "flash" in backend(module, query):
-        counts = {"tokens": tokens_per_image, "features": features_per_image}
-        counts = {name: torch.tensor(values, dtype=torch.int32) for name, values in counts.items()}
-        lengths = to_device(counts, query.device).values()
-        return attend_packed(
-            module, query, features, features, *lengths, max(tokens_per_image), max(features_per_image)
-        )
-    queries = pad_sequence(query.split(tokens_per_image), batch_first=True).transpose(1, 2)
-    keys = pad_sequence(features.split(features_per_image), batch_first=True).transpose(1, 2)
-    present = [torch.ones(count, dtype=torch.bool, device=query.device) for count in features_per_image]
-    output = attend(module, queries, keys, keys, pad_sequence(present, batch_first=True))
-    return torch.cat([image[:count] for image, count in zip(output, tokens_per_image)])
 
 
 class OutputProjection(nn.Linear):
@@ -229,19 +76,6 @@ def init_vision_remember_weights(module: nn.Module, identity_init: bool):
         ring = torch.stack([angles.cos(), angles.sin()], dim=-1).flatten() * 0.5
         init.zeros_(module.weight)
         init.copy_(module.bias, torch.atanh(ring))
-
-
-class AttentionSettings(nn.Module):
-    """Attributes the attention interface reads from its `module` argument."""
-
-    is_causal = False
-    num_key_value_groups = 1
-
-    def __init__(self, config: VisionRememberSettings, head_dim: int):
-        super().__init__()
-        self.config = config
-        self.head_dim = head_dim
-        self.scaling = head_dim**-0.5
 
 
 def concat_windows(windows: list[torch.Tensor], feature_counts: list[int]) -> torch.Tensor:
@@ -375,6 +209,7 @@ class RememberContext:
     image_features: torch.Tensor | None = None  # (all images' features, L * Dv), image after image
     tokens_per_image: list[int] | None = None
     features_per_image: list[int] | None = None
+    image_lengths: tuple[torch.Tensor, torch.Tensor] | None = None  # both, int32 on the device
     # A training batch without images runs the blocks on a stand-in image, to give every parameter a (zero) gradient
     # on every rank: a zero tensor that carries the stand-in's graph, added in place of every update.
     stand_in: torch.Tensor | None = None
@@ -437,9 +272,8 @@ class TokenFeatureCrossAttention(nn.Module):
         queries = queries.view(num_tokens, self.num_heads, self.head_dim)
         if self.interaction == "global":
             features = context.image_features.view(-1, self.num_heads, self.head_dim)
-            output = attend_images(
-                self.attention, queries, features, context.tokens_per_image, context.features_per_image
-            )
+            per_image = context.tokens_per_image, context.features_per_image, context.image_lengths
+            output = attend_images(self.attention, queries, features, *per_image)
         else:
             keys, window_mask = context.window_features, context.window_mask
             if self.interaction == "deformable":
@@ -505,7 +339,7 @@ class TokenBidirectionalSelfAttention(nn.Module):
         if "flash" in backend(self.attention, states):  # packed: nothing spent on padding
             keys, values = (tensor.index_select(0, layout.packed_key_index) for tensor in (keys, values))
             lengths = layout.query_lengths, layout.key_lengths, layout.max_query_length, layout.max_key_length
-            output = attend_packed(self.attention, queries, keys, values, *lengths)
+            output = attend_varlen(self.attention, queries, keys, values, *lengths)
         else:
             output = self.attend_padded(queries, keys, values, layout)
         return add_to_tokens(hidden_states, layout, context.weigh(self.out_proj(output.flatten(1))))
@@ -586,8 +420,12 @@ class VisionRemember(nn.Module):
         window_index = concat_windows(windows, feature_counts)
         window_mask = window_index >= 0
         windowed = window_mask.any(dim=1)
+        tokens_per_image = [len(window) for window in windows]
         on_host = {"windowed": windowed[:, None].to(features.dtype)}
-        if self.config.interaction != "global":  # global attention reads whole images, not windows
+        if self.config.interaction == "global":  # global attention reads whole images, not windows
+            on_host["token_lengths"] = torch.tensor(tokens_per_image, dtype=torch.int32)
+            on_host["feature_lengths"] = torch.tensor(feature_counts, dtype=torch.int32)
+        else:
             window_mask[:, 0] |= ~windowed  # a row with nothing to attend to would give NaN
             on_host["window_index"] = window_index.clamp(min=0)  # holes read feature row 0, and are masked out
             on_host["window_mask"] = window_mask
@@ -597,8 +435,8 @@ class VisionRemember(nn.Module):
         )
         if self.config.interaction == "global":
             context.image_features = self.normalize_features(features)
-            context.tokens_per_image = [len(window) for window in windows]
-            context.features_per_image = feature_counts
+            context.tokens_per_image, context.features_per_image = tokens_per_image, feature_counts
+            context.image_lengths = on_device["token_lengths"], on_device["feature_lengths"]
         else:
             context.window_mask = on_device["window_mask"]
             context.window_features = self.gather_windows(features, on_device["window_index"])

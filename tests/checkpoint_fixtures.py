@@ -1,13 +1,13 @@
-"""Saved checkpoints that must survive upgrades: a tiny LLaVA-VR, Qwen2.5-VL with Vision Remember and MiniCPM-V 4.6
-with Vision Remember, as `save_pretrained` wrote them under one supported Transformers, with the tokens each then
+"""Saved checkpoints that must survive upgrades: a tiny checkpoint of every family (`vr_hf.backbones`), as
+`save_pretrained` wrote them under one supported Transformers and the vr-hf of the day, with the tokens each then
 generated from fixed inputs (`tests/fixtures/checkpoints/`). `tests/test_saved_checkpoints.py` loads them under the
 Transformers under test and checks those tokens.
 
-The folders hold what a saved checkpoint holds but its remote code: the test adds this checkout's `modeling/` files, so
-that the code under test is the checkout's and the repository holds one copy of it.
+The folders hold what a saved checkpoint holds but its remote code, which belongs to the vr-hf that saved it: the test
+loads them with this vr-hf's classes, as vr-hf's own commands do.
 
-To write them again (after a change that may not load old checkpoints, which then needs its own migration):
-`python tests/checkpoint_fixtures.py`, under the oldest supported Transformers.
+To add a family's, or write one again (after a change that cannot load the old one, which then needs its own
+migration): `python tests/checkpoint_fixtures.py NAME...`, under the oldest supported Transformers.
 """
 
 import json
@@ -17,30 +17,38 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoProcessor
 
 
 sys.path.insert(0, str(Path(__file__).parent))
-from vr_hf.processor import build_processor  # noqa: E402
+from vr_hf.backbones import BACKBONES  # noqa: E402
+from vr_hf.conversion import graft  # noqa: E402
+from vr_hf.processor import build_processor, load_processor  # noqa: E402
 from vr_hf.tiny import byte_tokenizer  # noqa: E402
 
 from conftest import active_model, conversation, random_image  # noqa: E402
-from tiny_grafts import GENERATION_PROMPT, GRAFT, GRAFTED_CLASS, SETTINGS, image_inputs, perturb, tiny_sources  # noqa: E402
+from tiny_grafts import (  # noqa: E402
+    GENERATION_PROMPT,
+    GRAFTED_CLASS,
+    IMAGE_SIZES,
+    SETTINGS,
+    image_inputs,
+    perturb,
+    tiny_sources,
+)
 
 
 FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints"
-FAMILIES = ["llava_vr", "qwen2_5_vl", "minicpmv4_6"]
+FAMILIES = list(BACKBONES)
 NEW_TOKENS = 6
 
 
 def generation_inputs(name: str, folder: Path) -> dict:
     """The fixed inputs each checkpoint generates from: one image and a question, ending in the generation prompt."""
     if name == "llava_vr":
-        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        processor = load_processor(str(folder))
         prompt = processor.apply_chat_template(conversation("What is in the picture?"), add_generation_prompt=True)
         return processor(images=[random_image(40, 90, seed=1)], text=[prompt], return_tensors="pt")
-    size = (56, 84) if name == "qwen2_5_vl" else (32, 48)
-    return image_inputs(name, [random_image(*size, seed=1)], answer=GENERATION_PROMPT)
+    return image_inputs(name, [random_image(*IMAGE_SIZES[name][0], seed=1)], answer=GENERATION_PROMPT)
 
 
 def generate(model, inputs: dict) -> list[int]:
@@ -48,15 +56,16 @@ def generate(model, inputs: dict) -> list[int]:
     return output[0, inputs["input_ids"].shape[1] :].tolist()
 
 
-def save(root: Path, scratch: Path):
-    """Write every family's checkpoint under `root`, without its remote code, and the tokens it generates."""
-    models = {"llava_vr": active_model()}
+def save(root: Path, scratch: Path, names: list[str]):
+    """Write the checkpoints of the families `names` under `root`, without their remote code, and the tokens each
+    generates."""
     sources = tiny_sources(scratch)
-    for name in ("qwen2_5_vl", "minicpmv4_6"):
-        grafted = GRAFT[name](sources[name], scratch / f"{name}-vr", **SETTINGS)
-        models[name] = GRAFTED_CLASS[name].from_pretrained(grafted)
-        perturb(models[name])
-    for name, model in models.items():
+    for name in names:
+        if name == "llava_vr":
+            model = active_model()
+        else:
+            model = GRAFTED_CLASS[name].from_pretrained(graft(sources[name], scratch / f"{name}-vr", **SETTINGS))
+            perturb(model)
         folder = root / name
         shutil.rmtree(folder, ignore_errors=True)
         model.save_pretrained(folder)
@@ -64,9 +73,9 @@ def save(root: Path, scratch: Path):
             build_processor(model.config, byte_tokenizer()).save_pretrained(folder)
         else:
             byte_tokenizer().save_pretrained(folder)
-        tokens = generate(model.eval(), generation_inputs(name, folder))
         for code in folder.glob("*.py"):
             code.unlink()
+        tokens = generate(model.eval(), generation_inputs(name, folder))
         record = {"transformers": transformers.__version__, "torch": torch.__version__, "tokens": tokens}
         (folder / "generated.json").write_text(json.dumps(record, indent=2) + "\n")
         print(name, record)
@@ -76,4 +85,4 @@ if __name__ == "__main__":
     import tempfile
 
     with tempfile.TemporaryDirectory() as scratch:
-        save(FIXTURES, Path(scratch))
+        save(FIXTURES, Path(scratch), sys.argv[1:] or FAMILIES)

@@ -6,7 +6,7 @@ from test_fast_paths import STAND_IN, varlen_stand_in
 from torch.nn import functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from vr_hf.modeling import vision_remember
+from vr_hf.modeling import vision_remember_attention
 from vr_hf.modeling.vision_remember import OutputProjection, TokenLayout, VisionRemember
 from vr_hf.tiny import tiny_config
 
@@ -22,7 +22,7 @@ PROMPT_ENDS = [[5], []]
 @pytest.fixture
 def stand_in_flash(monkeypatch):
     monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, STAND_IN, varlen_stand_in)
-    monkeypatch.setattr(vision_remember, "flash_problems", lambda module, tensor: [])
+    monkeypatch.setattr(vision_remember_attention, "flash_problems", lambda module, tensor: [])
 
 
 def blocks(implementation: str = "eager", **overrides) -> VisionRemember:

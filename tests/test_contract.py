@@ -9,11 +9,11 @@ import torch
 from transformers import (
     CompileConfig,
     LlavaNextForConditionalGeneration,
-    Qwen2_5_VLForConditionalGeneration,
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.minicpmv4_6 import MiniCPMV4_6ForConditionalGeneration
 
+from vr_hf.backbones import BACKBONES, GRAFTS
+from vr_hf.conversion import graft
 from vr_hf.modeling import conversation_turns
 from vr_hf.processor import build_processor
 from vr_hf.tiny import byte_tokenizer
@@ -23,10 +23,11 @@ from tiny_grafts import (
     ANSWER,
     END_OF_TURN,
     GENERATION_PROMPT,
-    GRAFT,
     GRAFTED_CLASS,
     IMAGE_BLOCK,
+    IMAGE_SIZES,
     PROMPT,
+    QWEN,
     SETTINGS,
     image_inputs,
     left_padded,
@@ -35,13 +36,10 @@ from tiny_grafts import (
 )
 
 
-FAMILIES = ["llava_vr", "qwen2_5_vl", "minicpmv4_6"]
+FAMILIES = list(BACKBONES)
 NEW_TOKENS = 4
-NATIVE = {
-    "llava_vr": LlavaNextForConditionalGeneration,
-    "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
-    "minicpmv4_6": MiniCPMV4_6ForConditionalGeneration,
-}
+NATIVE = {"llava_vr": LlavaNextForConditionalGeneration}
+NATIVE.update({name: BACKBONES[name].native_head_class for name in GRAFTS})
 
 
 @dataclass
@@ -64,13 +62,11 @@ class Family:
 
     def images(self, count: int) -> list:
         if self.name == "llava_vr":
-            return [random_image(40, 90, seed=1), random_image(80, 30, seed=2)][:count]
-        sizes = [(56, 84), (28, 56)] if self.name == "qwen2_5_vl" else [(32, 48), (48, 32)]
-        return [random_image(*size) for size in sizes[:count]]
+            return [random_image(*size, seed=seed) for seed, size in enumerate(IMAGE_SIZES[self.name][:count], 1)]
+        return [random_image(*size) for size in IMAGE_SIZES[self.name][:count]]
 
     def same_size_image(self, seed: int):
-        size = {"llava_vr": (40, 90), "qwen2_5_vl": (56, 84), "minicpmv4_6": (32, 48)}[self.name]
-        return random_image(*size, seed=seed)
+        return random_image(*IMAGE_SIZES[self.name][0], seed=seed)
 
 
 def llava_family() -> Family:
@@ -137,7 +133,7 @@ def graft_family(name: str, folder) -> Family:
 def graft_folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("contract")
     sources = tiny_sources(root)
-    return {name: GRAFT[name](sources[name], root / f"{name}-vr", **SETTINGS) for name in sources}
+    return {name: graft(sources[name], root / f"{name}-vr", **SETTINGS) for name in sources}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -246,7 +242,7 @@ def test_inputs_embeds_equal_input_ids(family):
     """Without `input_ids` the placeholders are found by their embedding, as native VLMs find them."""
     inputs = family.two_images()
     by_embedding = dict(inputs, inputs_embeds=family.model.get_input_embeddings()(inputs.pop("input_ids")))
-    if family.name == "qwen2_5_vl":  # its 3-D rope positions need input_ids: hand them over, as its processor does
+    if family.name in QWEN:  # its 3-D rope positions need input_ids: hand them over, as its processor does
         ids = family.two_images()
         by_embedding["position_ids"] = family.model.model.get_rope_index(
             ids["input_ids"], image_grid_thw=ids["image_grid_thw"], mm_token_type_ids=ids["mm_token_type_ids"]
@@ -266,7 +262,7 @@ def test_inputs_embeds_equal_input_ids(family):
 def test_image_features_follow_the_native_api(family):
     inputs = family.two_images()
     arguments = {"image_sizes": inputs.get("image_sizes")} if family.name == "llava_vr" else {}
-    if family.name == "qwen2_5_vl":
+    if family.name in QWEN:
         arguments = {"image_grid_thw": inputs["image_grid_thw"]}
     if family.name == "minicpmv4_6":
         arguments = {"target_sizes": inputs["target_sizes"]}
@@ -307,6 +303,7 @@ def test_warns_where_it_cannot_tell_the_prompt(monkeypatch):
     inputs = family.inputs(family.images(1), ANSWER)
     with torch.no_grad():
         family.model(**inputs)
+        family.model(**family.inputs(family.images(1)))  # the prompt ends with the sequence
         assert not warnings
         no_prompt = dict(inputs, input_ids=inputs["input_ids"].clone())
         no_prompt["input_ids"][no_prompt["input_ids"] == family.model.config.generation_prompt_ids[0]] = 1

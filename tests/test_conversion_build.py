@@ -26,7 +26,7 @@ from transformers import (
 
 from vr_hf import VisionRememberForConditionalGeneration
 from vr_hf.conversion import ConversionError, build_from_parts
-from vr_hf.tiny import byte_tokenizer
+from vr_hf.tiny import TINY_TEXT, TINY_VISION, byte_tokenizer
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,30 +41,13 @@ def parts(tmp_path_factory):
     """Tiny random pretrained parts saved like Hub checkpoints: a SigLIP tower, a tied Qwen2, an untied Llama."""
     root = tmp_path_factory.mktemp("parts")
     torch.manual_seed(0)
-    vision = SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=36,
-        patch_size=3,
-        vision_use_head=False,
-    )
+    vision = SiglipVisionConfig(**{key: value for key, value in TINY_VISION.items() if key != "model_type"})
     SiglipVisionModel(vision).save_pretrained(root / "siglip")
 
     # Byte-level tokenizers without the vision tokens: the conversion must add them.
     qwen_tokenizer = byte_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    qwen = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=len(qwen_tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-        )
-    )
+    qwen_config = {key: value for key, value in TINY_TEXT.items() if key != "model_type"}
+    qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(qwen_tokenizer), **qwen_config))
     qwen.save_pretrained(root / "qwen2")
     qwen_tokenizer.save_pretrained(root / "qwen2")
 

@@ -118,7 +118,7 @@ def test_the_command_runs_end_to_end(tmp_path, capsys):
     assert all(list(map(len, run["correct"].values())) == [4, 4] for run in results["runs"])
     assert all(list(run["correct"]) == ["text", "chart"] for run in results["runs"]), "the family's order, every run"
     assert (output / "results.png").stat().st_size > 0
-    assert (output / "checkpoint" / "modeling_vision_remember.py").exists()
+    assert (output / "checkpoint" / "modeling_llava_vr.py").exists()
 
 
 @pytest.mark.skipif(

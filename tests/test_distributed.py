@@ -22,6 +22,7 @@ from test_resume import EXAMPLES, recipe_argv, write_rows
 from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
 from vr_hf import VisionRememberForConditionalGeneration
+from vr_hf.backbones import BACKBONES
 from vr_hf.recipes import check_engine
 from vr_hf.tiny import tiny_config
 
@@ -113,11 +114,12 @@ def test_deepspeed_run_shards_and_saves_the_whole_model(tmp_path, engine, stage)
 LAYER_CLASSES = {  # what FSDP2 must shard, at least: each family's decoder layers and vision encoder layers
     "llava_vr": {"Qwen2DecoderLayer", "SiglipEncoderLayer"},
     "qwen2_5_vl": {"Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock"},
+    "qwen3_vl": {"Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock"},
     "minicpmv4_6": {"Qwen3_5DecoderLayer", "MiniCPMV4_6VisionEncoderLayer"},
 }
 
 
-@pytest.mark.parametrize("family", sorted(LAYER_CLASSES))
+@pytest.mark.parametrize("family", list(BACKBONES))
 def test_the_fsdp2_config_shards_every_family_by_its_own_layers(family):
     """The config names no layer classes: accelerate takes the model's `_no_split_modules`, which hold exactly the
     classes the model has (SigLIP also declares its text embeddings, which a vision tower lacks)."""

@@ -1,5 +1,5 @@
-"""lmms-eval's `vr_hf` model on tiny LLaVA-VR and grafted Qwen2.5-VL / MiniCPM-V checkpoints, the offline tasks, and
-`vr-hf evaluate`. Skipped where lmms-eval is not installed (docs/evaluation.md says how to install it)."""
+"""lmms-eval's `vr_hf` model on tiny LLaVA-VR and grafted Qwen2.5-VL / Qwen3-VL / MiniCPM-V checkpoints, the offline
+tasks, and `vr-hf evaluate`. Skipped where lmms-eval is not installed (docs/evaluation.md says how to install it)."""
 
 import json
 import os
@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers.utils import is_torchvision_available
 
+from vr_hf.backbones import BACKBONES, GRAFTS
 from vr_hf.cli import main
 from vr_hf.demo.compare import TEST_SEED
 from vr_hf.demo.settings import Settings
@@ -32,7 +33,7 @@ from vr_hf.evaluation.lmms_model import VisionRememberLMMS, generation_settings 
 from vr_hf.evaluation.tasks import easy_vqa_docs, red_item_docs  # noqa: E402
 
 
-KINDS = ["llava_vr", "qwen2_5_vl", "minicpmv4_6"]
+KINDS = list(BACKBONES)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def checkpoints(tmp_path_factory):
     llava = root / "llava_vr"
     active_model().save_pretrained(llava)
     build_processor(config, byte_tokenizer()).save_pretrained(llava)
-    return {"llava_vr": str(llava), **{name: grafted_checkpoint(root, name) for name in KINDS[1:]}}
+    return {"llava_vr": str(llava), **{name: grafted_checkpoint(root, name) for name in GRAFTS}}
 
 
 @pytest.fixture(scope="module")
@@ -290,7 +291,7 @@ def test_videos_are_refused_with_a_clear_error(checkpoints, docs):
 
 
 @pytest.mark.skipif(is_torchvision_available(), reason="with torchvision, the stock video processor is used")
-@pytest.mark.parametrize("kind", KINDS[1:])
+@pytest.mark.parametrize("kind", GRAFTS)
 def test_grafted_processors_without_torchvision_refuse_video(checkpoints, docs, kind):
     lm = load(checkpoints, kind, docs)
     with pytest.raises(RuntimeError, match="Video inputs need torchvision"):

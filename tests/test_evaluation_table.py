@@ -95,7 +95,7 @@ def test_evaluate_arguments_are_checked_before_anything_runs(capsys):
     assert "not allowed with argument" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["evaluate", "outputs/vr-hf/chekpoint"])
-    assert "'outputs/vr-hf/chekpoint' is no folder here, nor a Hub id" in capsys.readouterr().err
+    assert "the checkpoint 'outputs/vr-hf/chekpoint': no such folder" in capsys.readouterr().err
 
 
 def test_commands_start_without_loading_any_model_library():

@@ -7,15 +7,10 @@ import torch
 from torch.nn import functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from vr_hf.modeling import vision_remember
+from vr_hf.modeling import vision_remember, vision_remember_attention
 from vr_hf.modeling.image_layout import ImageLayout, image_windows
-from vr_hf.modeling.vision_remember import (
-    AttentionSettings,
-    OutputProjection,
-    TokenLayout,
-    VisionRemember,
-    attend_windows,
-)
+from vr_hf.modeling.vision_remember import OutputProjection, TokenLayout, VisionRemember
+from vr_hf.modeling.vision_remember_attention import AttentionSettings, attend_windows
 from vr_hf.tiny import tiny_config
 
 from conftest import active_model
@@ -28,7 +23,7 @@ MISSING_FOR_FLASH = [
         ("a CUDA device", torch.cuda.is_available()),
         (
             "flash-attn or torch.nn.attention.varlen",
-            importlib.util.find_spec("flash_attn") is not None or vision_remember.varlen_attn is not None,
+            importlib.util.find_spec("flash_attn") is not None or vision_remember_attention.varlen_attn is not None,
         ),
     ]
     if not available
@@ -63,9 +58,9 @@ def stand_in_flash(monkeypatch):
     """Route the `flash` paths to `varlen_stand_in` (Transformers' interface, `STAND_IN`) and, for `TORCH_VARLEN`
     asked for without the flash-attn package, to `torch_varlen_stand_in`."""
     monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, STAND_IN, varlen_stand_in)
-    monkeypatch.setattr(vision_remember, "flash_problems", lambda module, tensor: [])
-    monkeypatch.setitem(vision_remember.FLASH_PACKAGES, TORCH_VARLEN, lambda: False)
-    monkeypatch.setattr(vision_remember, "varlen_attn", torch_varlen_stand_in)
+    monkeypatch.setattr(vision_remember_attention, "flash_problems", lambda module, tensor: [])
+    monkeypatch.setitem(vision_remember_attention.FLASH_PACKAGES, TORCH_VARLEN, lambda: False)
+    monkeypatch.setattr(vision_remember_attention, "varlen_attn", torch_varlen_stand_in)
 
 
 def settings(implementation: str, head_dim: int) -> AttentionSettings:
@@ -184,7 +179,7 @@ def test_blocks_gradients_equal_reference(stand_in_flash):
 def test_flash_falls_back_to_sdpa_and_says_why(monkeypatch):
     """FlashAttention asked for where it cannot run (here: CPU, float32, head_dim 384): SDPA, and a message."""
     messages = []
-    monkeypatch.setattr(vision_remember.logger, "warning_once", messages.append)
+    monkeypatch.setattr(vision_remember_attention.logger, "warning_once", messages.append)
     query, window, mask = random_windows(5, 9, 2, 384, True, torch.float32, "cpu", seed=0)
     output = attend_windows(settings("flash_attention_2", 384), query, window, mask)
     torch.testing.assert_close(output, attend_windows(settings("eager", 384), query, window, mask))
@@ -194,13 +189,14 @@ def test_flash_falls_back_to_sdpa_and_says_why(monkeypatch):
 
 
 def test_flash_without_its_package_or_torch_varlen_says_so(monkeypatch):
-    monkeypatch.setitem(vision_remember.FLASH_PACKAGES, "flash_attention_2", lambda: False)
-    monkeypatch.setattr(vision_remember, "varlen_attn", None)
+    monkeypatch.setitem(vision_remember_attention.FLASH_PACKAGES, "flash_attention_2", lambda: False)
+    monkeypatch.setattr(vision_remember_attention, "varlen_attn", None)
     module = settings("flash_attention_2", 16)
-    problems = vision_remember.flash_problems(module, torch.empty(0, device="cpu", dtype=torch.bfloat16))
+    problems = vision_remember_attention.flash_problems(module, torch.empty(0, device="cpu", dtype=torch.bfloat16))
     assert "neither its package nor torch's own varlen kernels (torch.nn.attention.varlen) are here" in problems
-    monkeypatch.setattr(vision_remember, "varlen_attn", lambda *args, **kwargs: None)
-    assert vision_remember.uses_torch_varlen("flash_attention_2") and not vision_remember.uses_torch_varlen("sdpa")
+    monkeypatch.setattr(vision_remember_attention, "varlen_attn", lambda *args, **kwargs: None)
+    uses_torch_varlen = vision_remember_attention.uses_torch_varlen
+    assert uses_torch_varlen("flash_attention_2") and not uses_torch_varlen("sdpa")
 
 
 @FLASH_ATTN
@@ -209,7 +205,7 @@ def test_flash_attention_equals_reference_on_gpu(downsample_factor, interaction)
     reference = blocks(downsample_factor, interaction, "eager", torch.bfloat16).cuda()
     fast = blocks(downsample_factor, interaction, "flash_attention_2", torch.bfloat16).cuda()
     inputs, hidden_states = context_inputs(reference, torch.bfloat16, "cuda")
-    assert not vision_remember.flash_problems(fast.layers["0"].self_attention.attention, hidden_states)
+    assert not vision_remember_attention.flash_problems(fast.layers["0"].self_attention.attention, hidden_states)
     with torch.no_grad():
         expected = reference.layers["0"](hidden_states, reference.prepare(*inputs))
         output = fast.layers["0"](hidden_states, fast.prepare(*inputs))

@@ -1,4 +1,5 @@
-"""Grafting Vision Remember onto native Qwen2.5-VL and MiniCPM-V 4.6 checkpoints, and stripping it off again."""
+"""Grafting Vision Remember onto native Qwen2.5-VL, Qwen3-VL and MiniCPM-V 4.6 checkpoints, and stripping it off
+again."""
 
 import json
 import os
@@ -10,21 +11,23 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForImageTextToText, AutoTokenizer
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer, Qwen3VLForConditionalGeneration
 
-from vr_hf.conversion import ConversionError, graft_minicpmv4_6, graft_qwen2_5_vl, strip_vision_remember
-from vr_hf.conversion.graft import CarriedFiles
+from vr_hf.backbones import GRAFTS
+from vr_hf.conversion import ConversionError, graft, strip_vision_remember
+from vr_hf.conversion.grafting import CarriedFiles
 from vr_hf.modeling.modeling_vision_remember_base import RememberImageOutputs
 from vr_hf.modeling.vision_remember import concat_windows
 from vr_hf.tiny import byte_tokenizer
 
-from conftest import random_image
+from conftest import build_model, random_image
 from tiny_grafts import (
     ANSWER,
-    GRAFT,
     GRAFTED_CLASS,
     IMAGE,
+    IMAGE_SIZES,
     PROMPT,
+    QWEN,
     SETTINGS,
     coded_image,
     image_inputs,
@@ -64,10 +67,9 @@ print(json.dumps(report))
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("graft")
     sources = tiny_sources(root)
-    grafted = {name: Path(GRAFT[name](sources[name], root / f"{name}-vr", **SETTINGS)) for name in sources}
+    grafted = {name: Path(graft(sources[name], root / f"{name}-vr", **SETTINGS)) for name in sources}
     stripped = {name: Path(strip_vision_remember(grafted[name], root / f"{name}-stripped")) for name in sources}
-    inputs = {"qwen2_5_vl": image_inputs("qwen2_5_vl", random_image(56, 84))}
-    inputs["minicpmv4_6"] = image_inputs("minicpmv4_6", random_image(32, 48))
+    inputs = {name: image_inputs(name, random_image(*IMAGE_SIZES[name][0])) for name in GRAFTS}
     return {"root": root, "sources": sources, "grafted": grafted, "stripped": stripped, "inputs": inputs}
 
 
@@ -91,7 +93,7 @@ def remote(checkpoints):
     return {name: dict(report[name], logits=load_file(paths[2])["logits"]) for name, paths in jobs.items()}
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_vl", "minicpmv4_6"])
+@pytest.mark.parametrize("name", GRAFTS)
 def test_graft_keeps_weights_and_adds_its_own(checkpoints, name):
     native = native_model(checkpoints, name).state_dict()
     grafted = GRAFTED_CLASS[name].from_pretrained(checkpoints["grafted"][name])
@@ -107,12 +109,12 @@ def test_graft_keeps_weights_and_adds_its_own(checkpoints, name):
     assert "trust_remote_code=True" in card and "[0, 2]" in card
     assert (checkpoints["grafted"][name] / "tokenizer.json").is_file()
     shared = {"configuration_vision_remember_settings", "configuration_vision_remember_graft"}
-    shared |= {"modeling_vision_remember_base", "conversation_turns", "vision_remember"}
+    shared |= {"modeling_vision_remember_base", "conversation_turns", "vision_remember", "vision_remember_attention"}
     own = {f"configuration_vision_remember_{name}", f"modeling_vision_remember_{name}"}
     assert {path.stem for path in checkpoints["grafted"][name].glob("*.py")} == shared | own
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_vl", "minicpmv4_6"])
+@pytest.mark.parametrize("name", GRAFTS)
 def test_remote_code_reproduces_original_logits(checkpoints, remote, name):
     assert remote[name]["config"].startswith("transformers_modules.")
     assert remote[name]["model"].startswith("transformers_modules.")
@@ -123,7 +125,8 @@ def test_remote_code_reproduces_original_logits(checkpoints, remote, name):
 
 
 @pytest.mark.parametrize(
-    ("name", "mode", "side"), [("qwen2_5_vl", None, 2), ("minicpmv4_6", "16x", 4), ("minicpmv4_6", "4x", 2)]
+    ("name", "mode", "side"),
+    [("qwen2_5_vl", None, 2), ("qwen3_vl", None, 2), ("minicpmv4_6", "16x", 4), ("minicpmv4_6", "4x", 2)],
 )
 def test_each_token_window_is_its_own_patch_block(checkpoints, name, mode, side):
     """Patch embeddings that are the patch's own (row, column): each token's window holds its block, row-major."""
@@ -131,10 +134,14 @@ def test_each_token_window_is_its_own_patch_block(checkpoints, name, mode, side)
     model = GRAFTED_CLASS[name](config).eval()
     rows, cols = 8, 12
     with torch.no_grad():
-        if name == "qwen2_5_vl":
-            embed = model.model.visual.patch_embed.proj.weight  # (D, C, T, P, P)
+        if name in QWEN:
+            visual = model.model.visual
+            embed = visual.patch_embed.proj.weight  # (D, C, T, P, P)
             embed.zero_()
             embed[0, 0, 0, 0, 0] = embed[1, 1, 0, 0, 0] = 1
+            if name == "qwen3_vl":  # its patch bias and learned positions
+                visual.patch_embed.proj.bias.zero_()
+                visual.pos_embed.weight.zero_()
             inputs = image_inputs(name, coded_image(rows, cols, 14), raw=True)
             image = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
         else:
@@ -158,7 +165,7 @@ def test_each_token_window_is_its_own_patch_block(checkpoints, name, mode, side)
     assert torch.equal(coordinates, torch.stack([expected_rows, expected_cols], dim=-1))
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_vl", "minicpmv4_6"])
+@pytest.mark.parametrize("name", GRAFTS)
 def test_global_interaction_attends_to_the_whole_image(checkpoints, name):
     config = GRAFTED_CLASS[name].config_class.from_pretrained(checkpoints["grafted"][name], interaction="global")
     model = GRAFTED_CLASS[name](config).eval()
@@ -183,7 +190,7 @@ def test_global_interaction_attends_to_the_whole_image(checkpoints, name):
     )
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_vl", "minicpmv4_6"])
+@pytest.mark.parametrize("name", GRAFTS)
 def test_training_step_changes_output(checkpoints, name):
     model = GRAFTED_CLASS[name].from_pretrained(checkpoints["grafted"][name])
     inputs = checkpoints["inputs"][name]
@@ -200,7 +207,7 @@ def test_training_step_changes_output(checkpoints, name):
     assert torch.equal(before[:, :prompt], after[:, :prompt])
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_vl", "minicpmv4_6"])
+@pytest.mark.parametrize("name", GRAFTS)
 def test_sft_trainer_step(checkpoints, name, tmp_path):
     """TRL's SFTTrainer trains the grafted model: its fused-head loss is the model's own loss on the answer, the step
     reaches Vision Remember, and the base stays as trained (here: frozen). Batches come from a collator that lays the
@@ -258,7 +265,7 @@ def test_sft_trainer_step(checkpoints, name, tmp_path):
     assert all(torch.equal(base_before[key], value) for key, value in model.model.language_model.state_dict().items())
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_vl", "minicpmv4_6"])
+@pytest.mark.parametrize("name", GRAFTS)
 def test_strip_gives_back_the_original(checkpoints, name):
     folder = checkpoints["stripped"][name]
     config = json.loads((folder / "config.json").read_text())
@@ -273,14 +280,17 @@ def test_strip_gives_back_the_original(checkpoints, name):
         assert torch.equal(stripped(**inputs).logits, native(**inputs).logits)
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_vl", "minicpmv4_6"])
-def test_generation_after_grafting(checkpoints, name):
-    inputs = dict(checkpoints["inputs"][name])
+def prompt_only(inputs: dict) -> tuple[dict, int]:
+    """The inputs without their answer, and the prompt's length."""
     prompt_length = inputs["input_ids"].shape[1] - len(ANSWER)
-    inputs["input_ids"] = inputs["input_ids"][:, :prompt_length]
-    inputs["attention_mask"] = inputs["attention_mask"][:, :prompt_length]
-    if "mm_token_type_ids" in inputs:
-        inputs["mm_token_type_ids"] = inputs["mm_token_type_ids"][:, :prompt_length]
+    per_token = ("input_ids", "attention_mask", "mm_token_type_ids")
+    prompt = {key: value[:, :prompt_length] if key in per_token else value for key, value in inputs.items()}
+    return prompt, prompt_length
+
+
+@pytest.mark.parametrize("name", GRAFTS)
+def test_generation_after_grafting(checkpoints, name):
+    inputs, prompt_length = prompt_only(checkpoints["inputs"][name])
     native = native_model(checkpoints, name)
     model = GRAFTED_CLASS[name].from_pretrained(checkpoints["grafted"][name]).eval()
     for search in (dict(do_sample=False), dict(num_beams=2, num_return_sequences=2)):
@@ -297,6 +307,29 @@ def test_generation_after_grafting(checkpoints, name):
     assert torch.equal(beams[:, prompt_length], logits.topk(2).indices.flatten())
     with pytest.raises(ValueError, match="cannot generate with prefill_chunk_size"):
         model.generate(**inputs, max_new_tokens=1, prefill_chunk_size=4)
+
+
+def test_deepstack_off_runs_qwen3_vl_as_if_it_had_none(checkpoints):
+    """`deepstack=False`: the logits and greedy generation of a native Qwen3-VL whose encoder feeds no DeepStack
+    layers, on the same weights; beam search too (which the native model cannot run without DeepStack layers). With
+    DeepStack on, the logits are the source's, and differ."""
+    inputs, prompt_length = prompt_only(checkpoints["inputs"]["qwen3_vl"])
+    model = GRAFTED_CLASS["qwen3_vl"].from_pretrained(checkpoints["grafted"]["qwen3_vl"], deepstack=False).eval()
+    native = native_model(checkpoints, "qwen3_vl")
+    assert native.config.vision_config.deepstack_visual_indexes
+    config = AutoConfig.from_pretrained(checkpoints["sources"]["qwen3_vl"])
+    config.vision_config.deepstack_visual_indexes = []
+    without = Qwen3VLForConditionalGeneration(config).eval()
+    missing, unexpected = without.load_state_dict(native.state_dict(), strict=False)
+    assert not missing and unexpected and all(".deepstack_merger_list." in key for key in unexpected)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        assert torch.equal(logits, without(**inputs).logits)
+        assert not torch.allclose(logits, native(**inputs).logits)
+    greedy = dict(max_new_tokens=4, do_sample=False)
+    assert torch.equal(model.generate(**inputs, **greedy), without.generate(**inputs, **greedy))
+    beams = model.generate(**inputs, max_new_tokens=1, num_beams=2, num_return_sequences=2)
+    assert torch.equal(beams[:, prompt_length], logits[:, -1].topk(2).indices.flatten())
 
 
 def test_beam_search_keeps_each_sample_with_its_own_image(checkpoints):
@@ -333,42 +366,48 @@ def test_image_outputs_regroup_per_image_and_windows_concatenate():
 
 def test_bad_input_raises_and_writes_nothing(checkpoints, tmp_path, monkeypatch):
     sources, grafted, out = checkpoints["sources"], checkpoints["grafted"], tmp_path / "out"
-    with pytest.raises(ConversionError, match="not 'qwen2_5_vl'"):
-        graft_qwen2_5_vl(sources["minicpmv4_6"], out, **SETTINGS)
+    llava = tmp_path / "llava-vr"
+    build_model().save_pretrained(llava)
+    with pytest.raises(
+        ConversionError, match="is a 'vision_remember' checkpoint: Vision Remember grafts onto Qwen2.5-VL"
+    ):
+        graft(llava, out, **SETTINGS)
     with pytest.raises(ConversionError, match="remember_after_layers has index 3"):
-        graft_qwen2_5_vl(sources["qwen2_5_vl"], out, remember_after_layers=[0, 3], cross_attention_heads=4)
+        graft(sources["qwen2_5_vl"], out, remember_after_layers=[0, 3], cross_attention_heads=4)
     with pytest.raises(ConversionError, match="vision_feature_layers has index 3"):
-        graft_minicpmv4_6(sources["minicpmv4_6"], out, vision_feature_layers=[3], **SETTINGS)
+        graft(sources["minicpmv4_6"], out, vision_feature_layers=[3], **SETTINGS)
     with pytest.raises(ConversionError, match="already has Vision Remember"):
-        graft_minicpmv4_6(grafted["minicpmv4_6"], out, **SETTINGS)
+        graft(grafted["minicpmv4_6"], out, **SETTINGS)
     with pytest.raises(ConversionError, match="Unknown Vision Remember settings"):
-        graft_qwen2_5_vl(sources["qwen2_5_vl"], out, remember_after_layer=[0])
+        graft(sources["qwen2_5_vl"], out, remember_after_layer=[0])
+    with pytest.raises(ConversionError, match="Unknown Vision Remember settings \\['deepstack'\\]"):
+        graft(sources["qwen2_5_vl"], out, deepstack=False)  # Qwen3-VL's own setting
     with pytest.raises(ConversionError, match="no Vision Remember to strip"):
         strip_vision_remember(sources["qwen2_5_vl"], out)
     with pytest.raises(FileNotFoundError, match="no such folder"):
-        graft_qwen2_5_vl(tmp_path / "missing", out)
+        graft(tmp_path / "missing", out)
 
     def fail(self, output_dir):
         raise OSError("disk full")
 
     monkeypatch.setattr(CarriedFiles, "save_pretrained", fail)
     with pytest.raises(OSError, match="disk full"):
-        graft_qwen2_5_vl(sources["qwen2_5_vl"], out, **SETTINGS)
-    assert os.listdir(tmp_path) == []
+        graft(sources["qwen2_5_vl"], out, **SETTINGS)
+    assert os.listdir(tmp_path) == ["llava-vr"]
 
 
 def test_cli(checkpoints, tmp_path, capsys):
-    for script in ("graft_qwen2_5_vl.py", "graft_minicpmv.py", "strip_vision_remember.py"):
+    for script in ("graft.py", "strip_vision_remember.py"):
         main = runpy.run_path(os.path.join(ROOT, "conversion", script))["main"]
         with pytest.raises(SystemExit) as exit_info:
             main(["--help"])
         help_text = capsys.readouterr().out
-        assert exit_info.value.code == 0 and "example:" in help_text and "--output-dir" in help_text
+        assert exit_info.value.code == 0 and "example" in help_text and "--output-dir" in help_text
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     arguments = ["--source", str(checkpoints["sources"]["qwen2_5_vl"]), "--output-dir", str(tmp_path / "vr")]
     arguments += ["--remember-after-layers", "1", "--cross-attention-heads", "4", "--no-bidirectional"]
-    script = os.path.join(ROOT, "conversion", "graft_qwen2_5_vl.py")
+    script = os.path.join(ROOT, "conversion", "graft.py")
     run = subprocess.run([sys.executable, script, *arguments], capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     config = json.loads((tmp_path / "vr" / "config.json").read_text())
@@ -378,12 +417,12 @@ def test_cli(checkpoints, tmp_path, capsys):
     assert main(arguments) == 1 and "not empty" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_vl", "minicpmv4_6"])
+@pytest.mark.parametrize("name", GRAFTS)
 def test_a_grafted_checkpoint_pads_prompts_on_the_left(tmp_path, name):
     """Whatever side the source's tokenizer padded on, a grafted checkpoint's pads on the left, as generation needs."""
     source = tiny_sources(tmp_path)[name]
     right = byte_tokenizer()
     right.padding_side = "right"
     right.save_pretrained(source)
-    folder = GRAFT[name](source, tmp_path / f"{name}-vr", **SETTINGS)
+    folder = graft(source, tmp_path / f"{name}-vr", **SETTINGS)
     assert AutoTokenizer.from_pretrained(folder).padding_side == "left"

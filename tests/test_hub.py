@@ -32,21 +32,21 @@ from vr_hf.tiny import byte_tokenizer, tiny_config
 
 
 REMOTE_CODE_FILES = [
-    "configuration_vision_remember.py",
+    "configuration_llava_vr.py",
     "configuration_vision_remember_settings.py",
-    "modeling_vision_remember.py",
+    "modeling_llava_vr.py",
     "modeling_vision_remember_base.py",
     "vision_remember.py",
     "projectors.py",
     "image_layout.py",
-    "processing_vision_remember.py",
+    "processing_llava_vr.py",
 ]
 MODEL_AUTO_MAP = {
-    "AutoConfig": "configuration_vision_remember.VisionRememberConfig",
-    "AutoModel": "modeling_vision_remember.VisionRememberModel",
-    "AutoModelForImageTextToText": "modeling_vision_remember.VisionRememberForConditionalGeneration",
+    "AutoConfig": "configuration_llava_vr.VisionRememberConfig",
+    "AutoModel": "modeling_llava_vr.VisionRememberModel",
+    "AutoModelForImageTextToText": "modeling_llava_vr.VisionRememberForConditionalGeneration",
 }
-PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_vision_remember.VisionRememberProcessor"}
+PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_llava_vr.VisionRememberProcessor"}
 PROMPT = "What is in the picture?"
 MAX_NEW_TOKENS = 4
 

@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText
 
+from vr_hf.backbones import BACKBONES, GRAFTS
+from vr_hf.conversion import graft
 from vr_hf.lora import (
     DECODER_PROJECTIONS,
     fully_trained_paths,
@@ -26,7 +28,7 @@ from vr_hf.processor import build_processor
 from vr_hf.tiny import byte_tokenizer
 
 from conftest import active_model, conversation, random_image
-from tiny_grafts import GRAFT, GRAFTED_CLASS, SETTINGS, tiny_sources
+from tiny_grafts import GRAFTED_CLASS, SETTINGS, tiny_sources
 
 
 datasets = pytest.importorskip("datasets")
@@ -202,11 +204,11 @@ def test_merged_checkpoint_reloads_identically_in_fresh_process(lora_run, merged
 def grafts(tmp_path_factory):
     root = tmp_path_factory.mktemp("grafts")
     sources = tiny_sources(root)
-    folders = {name: GRAFT[name](sources[name], root / f"{name}-vr", **SETTINGS) for name in GRAFT}
+    folders = {name: graft(sources[name], root / f"{name}-vr", **SETTINGS) for name in GRAFTS}
     return {name: GRAFTED_CLASS[name].from_pretrained(folder) for name, folder in folders.items()}
 
 
-@pytest.mark.parametrize("name", ["llava_vr", "qwen2_5_vl", "minicpmv4_6"])
+@pytest.mark.parametrize("name", list(BACKBONES))
 def test_what_trains_under_lora_is_what_the_summary_says(grafts, name):
     """Every backbone's projector and Vision Remember train in full (a bare parameter stays frozen, and the summary
     says so), the decoder through adapters, nothing else."""
@@ -223,8 +225,7 @@ def test_what_trains_under_lora_is_what_the_summary_says(grafts, name):
         assert len(copies) == size, f"{path} does not train in full"
     assert all(".lora_" in n or ".modules_to_save.default." in n for n in trainable)
     assert not any(n.startswith(path) for path in frozen for n in trainable)
-    projector = {"llava_vr": "model.multi_modal_projector", "qwen2_5_vl": "model.visual.merger"}.get(
-        name, "model.merger"
-    )
-    assert projector in in_full
+    projector = {"llava_vr": "model.multi_modal_projector", "minicpmv4_6": "model.merger"}
+    assert projector.get(name, "model.visual.merger") in in_full
+    assert ("model.visual.deepstack_merger_list.1" in in_full) == (name == "qwen3_vl")
     assert ("model.image_newline" in frozen) == (name == "llava_vr")

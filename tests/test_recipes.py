@@ -10,6 +10,7 @@ from PIL import Image
 from test_resume import load_recipe, recipe_argv, write_rows
 from transformers.utils import is_torchvision_available
 
+from vr_hf.backbones import GRAFTS
 from vr_hf.recipes import load_model_and_processor, recipe_model_card
 from vr_hf.tiny import byte_tokenizer, tiny_config
 
@@ -99,8 +100,8 @@ def test_every_sft_config_flag_works_and_overrides_the_defaults(instruction, tmp
         (["--model", "someone/llava-vr", "--qlora", "--merge"], "merge a QLoRA adapter into the full-precision model"),
         (["--tiny", "--merge"], "--merge merges LoRA adapters: add --lora"),
         (["--tiny", "--resume_from_checkpoint", "latest"], "there is no checkpoint in"),
-        (["--model", "llava-vr-algned"], "--model 'llava-vr-algned' is no folder here, nor a Hub id"),
-        (["--model", "./outputs/llava-vr"], "--model './outputs/llava-vr' is no folder here, nor a Hub id"),
+        (["--model", "llava-vr-algned"], "--model 'llava-vr-algned': no such folder"),
+        (["--model", "./outputs/llava-vr"], "--model './outputs/llava-vr': no such folder"),
     ],
 )
 def test_mistakes_are_refused_before_anything_loads(instruction, argv, error, capsys, tmp_path):
@@ -200,7 +201,7 @@ def test_a_checkpoint_without_its_image_processor_is_refused_before_it_loads(tmp
         load_model_and_processor(tmp_path)
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_vl", "minicpmv4_6"])
+@pytest.mark.parametrize("name", GRAFTS)
 def test_a_grafted_checkpoint_loads_for_the_recipes_without_torchvision(tmp_path, name):
     """The recipes load processors the one way vr-hf does, which stands in for the video part torchvision would run."""
     model, processor = load_model_and_processor(grafted_checkpoint(tmp_path, name))

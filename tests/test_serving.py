@@ -19,18 +19,18 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from vr_hf import VisionRememberForConditionalGeneration
+from vr_hf.backbones import BACKBONES, GRAFTS
 from vr_hf.processor import build_processor, load_processor
 from vr_hf.tiny import byte_tokenizer, tiny_config
 
 from conftest import random_image
-from tiny_grafts import grafted_checkpoint
+from tiny_grafts import IMAGE_SIZES, grafted_checkpoint
 
 
 openai = pytest.importorskip("openai", reason="needs the serve extra: pip install -e '.[serve]'")
 
 NEW_TOKENS = 5
 CONTEXT = 256
-IMAGE_SIZES = {"llava_vr": (40, 90), "qwen2_5_vl": (56, 84), "minicpmv4_6": (32, 48)}
 
 
 def answering_llava(folder):
@@ -53,7 +53,7 @@ def answering_llava(folder):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")
-    grafts = {name: grafted_checkpoint(root, name) for name in ("qwen2_5_vl", "minicpmv4_6")}
+    grafts = {name: grafted_checkpoint(root, name) for name in GRAFTS}
     return {"llava_vr": answering_llava(root / "llava_vr"), **grafts}
 
 
@@ -122,9 +122,9 @@ def ask(client, folder: str, messages: list, **settings):
     )
 
 
-@pytest.mark.parametrize("name", ["llava_vr", "qwen2_5_vl", "minicpmv4_6"])
+@pytest.mark.parametrize("name", list(BACKBONES))
 def test_answers_a_chat_completion_with_an_image_as_generate_does(client, checkpoints, name):
-    image = random_image(*IMAGE_SIZES[name], seed=1)
+    image = random_image(*IMAGE_SIZES[name][0], seed=1)
     answer = ask(client, checkpoints[name], [message([image])])
     assert answer.choices[0].message.content == expected_answer(checkpoints[name], [image])
 

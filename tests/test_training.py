@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from vr_hf.backbones import GRAFTS
 from vr_hf.data import LoadReport, load_llava_json
 from vr_hf.processor import build_processor
 from vr_hf.tiny import byte_tokenizer, tiny_config
@@ -309,11 +310,15 @@ def test_sft_step_keeps_answers_out_of_the_text_guided_token(sft_step):
 
 # ---------------------------------------------------------------------------------------------- grafted backbones
 
-# Where each backbone keeps its parts, written out independently of `vr_hf.training.PART_PATHS`
+# Where each backbone keeps its parts, written out independently of `vr_hf.backbones`
 GRAFT_PARTS = {
     "qwen2_5_vl": {
         "vision_tower": ("model.visual.patch_embed.", "model.visual.blocks."),
         "projector": ("model.visual.merger.",),
+    },
+    "qwen3_vl": {
+        "vision_tower": ("model.visual.patch_embed.", "model.visual.pos_embed.", "model.visual.blocks."),
+        "projector": ("model.visual.merger.", "model.visual.deepstack_merger_list."),
     },
     "minicpmv4_6": {
         "vision_tower": (
@@ -333,11 +338,13 @@ SHARED_PARTS = {
 
 @pytest.fixture(scope="module")
 def grafted(tmp_path_factory):
-    """Tiny grafted Qwen2.5-VL and MiniCPM-V 4.6 checkpoints (`test_graft.tiny_sources`)."""
-    from test_graft import GRAFT, SETTINGS, tiny_sources
+    """Tiny grafted checkpoints of every backbone (`tiny_grafts.tiny_sources`)."""
+    from vr_hf.conversion import graft
+
+    from tiny_grafts import SETTINGS, tiny_sources
 
     root = tmp_path_factory.mktemp("grafted")
-    return {name: GRAFT[name](source, root / f"{name}-vr", **SETTINGS) for name, source in tiny_sources(root).items()}
+    return {name: graft(source, root / f"{name}-vr", **SETTINGS) for name, source in tiny_sources(root).items()}
 
 
 def part_of(backbone: str, name: str) -> str:
@@ -347,9 +354,9 @@ def part_of(backbone: str, name: str) -> str:
     return owners[0]
 
 
-@pytest.mark.parametrize("backbone", ["qwen2_5_vl", "minicpmv4_6"])
+@pytest.mark.parametrize("backbone", GRAFTS)
 def test_every_parameter_of_a_graft_is_in_its_part(grafted, backbone):
-    from test_graft import GRAFTED_CLASS
+    from tiny_grafts import GRAFTED_CLASS
 
     model = GRAFTED_CLASS[backbone].from_pretrained(grafted[backbone])
     expected = {part: set() for part in PARTS}
@@ -362,14 +369,15 @@ def test_every_parameter_of_a_graft_is_in_its_part(grafted, backbone):
     }
 
 
-@pytest.mark.parametrize("backbone", ["qwen2_5_vl", "minicpmv4_6"])
+@pytest.mark.parametrize("backbone", GRAFTS)
 @pytest.mark.parametrize("phase, parts", [(1, {"projector", "vision_remember"}), (2, set(PHASE_2))])
 def test_phase_step_on_a_graft_changes_exactly_its_parts(grafted, backbone, phase, parts):
-    from test_graft import GRAFTED_CLASS, IMAGE, image_inputs
     from test_graft import random_image as graft_image
 
+    from tiny_grafts import GRAFTED_CLASS, IMAGE, IMAGE_SIZES, image_inputs
+
     model = GRAFTED_CLASS[backbone].from_pretrained(grafted[backbone]).train()
-    size = (56, 84) if backbone == "qwen2_5_vl" else (32, 48)
+    size = IMAGE_SIZES[backbone][0]
     inputs = image_inputs(backbone, graft_image(*size))
     labels = torch.where(inputs["input_ids"] == IMAGE, -100, inputs["input_ids"])
     before = {name: p.detach().clone() for name, p in model.named_parameters()}

@@ -1,7 +1,8 @@
-"""Tiny native Qwen2.5-VL and MiniCPM-V 4.6 checkpoints, and their inputs, built offline.
+"""Tiny native checkpoints of every backbone Vision Remember grafts onto (Qwen2.5-VL, Qwen3-VL, MiniCPM-V 4.6), and
+their inputs, built offline.
 
-The stock processors of both need torchvision for their video part, which this CPU environment lacks: the inputs are
-built as the processors build them, from their own image processors (`...ImageProcessorPil`) and the placeholder
+The stock processors of all three need torchvision for their video part, which this CPU environment lacks: the inputs
+are built as the processors build them, from their own image processors (`...ImageProcessorPil`) and the placeholder
 expansion they apply (one image token per vision token, between the image start and end tokens).
 """
 
@@ -13,15 +14,15 @@ from transformers import (
     AutoModelForImageTextToText,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
+    Qwen3VLConfig,
 )
-from transformers.models.minicpmv4_6 import MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
+from transformers.models.minicpmv4_6 import MiniCPMV4_6Config
 from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import MiniCPMV4_6ImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from vr_hf import VisionRememberMiniCPMV4_6ForConditionalGeneration, VisionRememberQwen2_5_VLForConditionalGeneration
-from vr_hf.conversion import graft_minicpmv4_6, graft_qwen2_5_vl
-from vr_hf.modeling.processing_vision_remember import CHAT_TEMPLATE
+from vr_hf.backbones import BACKBONES, GRAFTS
+from vr_hf.conversion import graft
+from vr_hf.modeling.processing_llava_vr import CHAT_TEMPLATE
 from vr_hf.modeling.vision_remember import OutputProjection
 from vr_hf.tiny import SPECIAL_TOKENS, byte_generation_prompt_ids, byte_tokenizer
 
@@ -29,10 +30,14 @@ from vr_hf.tiny import SPECIAL_TOKENS, byte_generation_prompt_ids, byte_tokenize
 IMAGE, VIDEO, START, END = 290, 291, 292, 293
 TEXT = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4)
 SETTINGS = dict(remember_after_layers=[0, 2], cross_attention_heads=4)
-GRAFT = {"qwen2_5_vl": graft_qwen2_5_vl, "minicpmv4_6": graft_minicpmv4_6}
-GRAFTED_CLASS = {
-    "qwen2_5_vl": VisionRememberQwen2_5_VLForConditionalGeneration,
-    "minicpmv4_6": VisionRememberMiniCPMV4_6ForConditionalGeneration,
+GRAFTED_CLASS = {name: BACKBONES[name].head_class for name in GRAFTS}
+QWEN = ("qwen2_5_vl", "qwen3_vl")  # the backbones whose inputs Qwen2-VL's image processor builds
+# Two image sizes each family's tiny model takes: patches of 14 merged 2x2 (Qwen), of 4 (MiniCPM-V), AnyRes (LLaVA-VR)
+IMAGE_SIZES = {
+    "llava_vr": [(40, 90), (80, 30)],
+    "qwen2_5_vl": [(56, 84), (28, 56)],
+    "qwen3_vl": [(56, 84), (28, 56)],
+    "minicpmv4_6": [(32, 48), (48, 32)],
 }
 PROMPT = [1, 2, 3]
 ANSWER = [5, 6, 7]
@@ -42,7 +47,7 @@ IMAGE_BLOCK = -1  # in `image_inputs`' text: where the next image's placeholder 
 
 
 def native_configs() -> dict:
-    """Tiny native Qwen2.5-VL and MiniCPM-V 4.6 configs."""
+    """Tiny native configs of every grafted backbone."""
     qwen = Qwen2_5_VLConfig(
         text_config=dict(
             TEXT, num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3]}
@@ -80,7 +85,29 @@ def native_configs() -> dict:
         image_token_id=IMAGE,
         video_token_id=VIDEO,
     )
-    return {"qwen2_5_vl": qwen, "minicpmv4_6": minicpm}
+    qwen3 = Qwen3VLConfig(
+        text_config=dict(
+            TEXT,
+            num_key_value_heads=2,
+            head_dim=16,
+            rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+        ),
+        vision_config=dict(
+            depth=3,
+            hidden_size=32,
+            intermediate_size=48,
+            num_heads=4,
+            patch_size=14,
+            out_hidden_size=64,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[0, 1],
+        ),
+        image_token_id=IMAGE,
+        video_token_id=VIDEO,
+        vision_start_token_id=START,
+        vision_end_token_id=END,
+    )
+    return {"qwen2_5_vl": qwen, "qwen3_vl": qwen3, "minicpmv4_6": minicpm}
 
 
 def tiny_sources(root) -> dict:
@@ -88,12 +115,9 @@ def tiny_sources(root) -> dict:
     torch.manual_seed(0)
     configs = native_configs()
     folders = {}
-    for name, model in (
-        ("qwen2_5_vl", Qwen2_5_VLForConditionalGeneration(configs["qwen2_5_vl"])),
-        ("minicpmv4_6", MiniCPMV4_6ForConditionalGeneration(configs["minicpmv4_6"])),
-    ):
+    for name in GRAFTS:
         folders[name] = root / name
-        model.save_pretrained(folders[name])
+        BACKBONES[name].native_head_class(configs[name]).save_pretrained(folders[name])
         tokenizer = byte_tokenizer()
         tokenizer.chat_template = CHAT_TEMPLATE
         tokenizer.save_pretrained(folders[name])
@@ -115,7 +139,7 @@ def image_inputs(
     `answer`)."""
     images = images if isinstance(images, list) else [images]
     text = text or prompt + [IMAGE_BLOCK] * len(images) + answer
-    if backbone == "qwen2_5_vl":
+    if backbone in QWEN:
         processor = Qwen2VLImageProcessorPil(do_resize=False, do_rescale=not raw, do_normalize=not raw)
         pixels = dict(processor(images, return_tensors="pt"))
         tokens = (pixels["image_grid_thw"].prod(dim=-1) // 4).tolist()
@@ -130,7 +154,7 @@ def image_inputs(
     blocks = iter([START] + [IMAGE] * count + [END] for count in tokens)
     input_ids = torch.tensor([[token for item in text for token in (next(blocks) if item == IMAGE_BLOCK else [item])]])
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **pixels}
-    if backbone == "qwen2_5_vl":
+    if backbone in QWEN:
         inputs["mm_token_type_ids"] = (input_ids == IMAGE).int()
     return inputs
 
@@ -159,7 +183,7 @@ def left_padded(backbone: str, samples: list[dict]) -> dict:
         return torch.cat(rows)
 
     batch = {key: pad(key) for key in ("input_ids", "attention_mask", "mm_token_type_ids") if key in samples[0]}
-    if backbone == "qwen2_5_vl":
+    if backbone in QWEN:
         for key in ("pixel_values", "image_grid_thw"):
             batch[key] = torch.cat([sample[key] for sample in samples])
     else:
@@ -191,7 +215,7 @@ def source_tokenizer(name: str):
         pad_token="<|endoftext|>",
         extra_special_tokens=extra,
     )
-    image_part = "'<|vision_start|><|image_pad|><|vision_end|>'" if name == "qwen2_5_vl" else "'<|image_pad|>'"
+    image_part = "'<|vision_start|><|image_pad|><|vision_end|>'" if name in QWEN else "'<|image_pad|>'"
     tokenizer.chat_template = CHAT_TEMPLATE.replace("'<|vision_start|><|image_pad|><|vision_end|>'", image_part)
     return tokenizer
 
@@ -204,7 +228,7 @@ def grafted_checkpoint(root, name: str):
     tokenizer.save_pretrained(source)
     config = AutoConfig.from_pretrained(source)
     ids = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>"}
-    if name == "qwen2_5_vl":
+    if name in QWEN:
         ids.update(vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>")
         Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 84).save_pretrained(source)
     else:
@@ -212,7 +236,7 @@ def grafted_checkpoint(root, name: str):
     for field, token in ids.items():
         setattr(config, field, tokenizer.convert_tokens_to_ids(token))
     config.save_pretrained(source)
-    folder = (graft_qwen2_5_vl if name == "qwen2_5_vl" else graft_minicpmv4_6)(source, root / f"{name}-vr", **SETTINGS)
+    folder = graft(source, root / f"{name}-vr", **SETTINGS)
     model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
     perturb(model)
     model.save_pretrained(folder)

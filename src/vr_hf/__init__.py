@@ -14,23 +14,10 @@ import logging
 # falls back to the reference implementation: vr-hf runs 4-bit only under --qlora, where the fallback is expected.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-__all__ = [
-    "CHECKPOINT_CLASSES",
-    "VisionRememberConfig",
-    "VisionRememberMiniCPMV4_6Config",
-    "VisionRememberMiniCPMV4_6ForConditionalGeneration",
-    "VisionRememberMiniCPMV4_6Model",
-    "VisionRememberQwen2_5_VLConfig",
-    "VisionRememberQwen2_5_VLForConditionalGeneration",
-    "VisionRememberQwen2_5_VLModel",
-    "VisionRememberForConditionalGeneration",
-    "VisionRememberModel",
-    "VisionRememberPreTrainedModel",
-    "VisionRememberProcessor",
-]
-
 
 def __getattr__(name: str):
-    if name in __all__:
-        return getattr(importlib.import_module(".modeling", __name__), name)
+    """The classes of `vr_hf.modeling` (`vr_hf.VisionRememberConfig`, ...), loaded on first use."""
+    modeling = importlib.import_module(".modeling", __name__)
+    if name in modeling.__all__:
+        return getattr(modeling, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,12 +6,12 @@
     trainer.train()
     save_merged(trainer.model, processor, "llava-vr-merged")  # a remote-code checkpoint, no PEFT needed to load it
 
-Adapters go on the decoder's attention and MLP projections only: a plain list such as `["q_proj", "v_proj"]` would
-also hit the vision tower's and the Vision Remember blocks' projections. The projector and the Vision Remember blocks
-are new to the decoder, so they train in full (PEFT's `modules_to_save`), wherever the model's backbone keeps them
-(`vr_hf.training.PART_PATHS`: LLaVA-VR's `multi_modal_projector`, Qwen2.5-VL's `visual.merger`, MiniCPM-V's two
-mergers). A part that is a bare parameter, not a module (LLaVA-VR's AnyRes `image_newline`), cannot be held by
-`modules_to_save`: it stays as phase 1 left it, and `lora_summary` says so.
+Adapters go on the decoder's attention and MLP projections only: a plain list such as `["q_proj", "v_proj"]` would also
+hit the vision tower's and the Vision Remember blocks' projections. The projector and the Vision Remember blocks are
+new to the decoder, so they train in full (PEFT's `modules_to_save`), wherever the model's backbone keeps them
+(`vr_hf.backbones`: LLaVA-VR's `multi_modal_projector`, Qwen2.5-VL's `visual.merger`, Qwen3-VL's merger and DeepStack
+mergers, MiniCPM-V's two mergers). A part that is a bare parameter, not a module (LLaVA-VR's AnyRes `image_newline`),
+cannot be held by `modules_to_save`: it stays as phase 1 left it, and `lora_summary` says so.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import torch
 from peft import LoraConfig, PeftModel
 from transformers import BitsAndBytesConfig
 
-from .training import PART_PATHS, part_paths
+from .backbones import BACKBONES
+from .training import part_paths
 
 
 DECODER_PROJECTIONS = r"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj"
@@ -34,7 +35,7 @@ FULLY_TRAINED_PARTS = ("projector", "vision_remember")
 NOT_QUANTIZED_MODULES = sorted(
     {
         path
-        for parts in PART_PATHS.values()
+        for parts in (backbone.parts for backbone in BACKBONES.values())
         for part, paths in parts.items()
         if part != "language_model"
         for path in paths
@@ -46,7 +47,12 @@ def fully_trained_paths(model: torch.nn.Module) -> tuple[list[str], list[str]]:
     """Where `model` keeps the parts LoRA trains in full: the paths that are modules (PEFT's `modules_to_save`), and
     those that are bare parameters, which stay as they are."""
     found = {path: attrgetter(path)(model) for part in FULLY_TRAINED_PARTS for path in part_paths(model)[part]}
-    modules = [path for path, value in found.items() if isinstance(value, torch.nn.Module)]
+    modules = []
+    for path, value in found.items():
+        if isinstance(value, (torch.nn.ModuleList, torch.nn.ModuleDict)):  # PEFT copies modules, not containers
+            modules += [f"{path}.{name}" for name in value._modules]
+        elif isinstance(value, torch.nn.Module):
+            modules.append(path)
     return modules, [path for path, value in found.items() if isinstance(value, torch.nn.Parameter)]
 
 

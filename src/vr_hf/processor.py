@@ -14,8 +14,8 @@ from transformers import CONFIG_MAPPING, AutoConfig, AutoImageProcessor, AutoPro
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 from transformers.utils import is_torchvision_available
 
-from .modeling.configuration_vision_remember import VisionRememberConfig
-from .modeling.processing_vision_remember import VisionRememberProcessor
+from .modeling.configuration_llava_vr import VisionRememberConfig
+from .modeling.processing_llava_vr import VisionRememberProcessor
 
 
 # Without torchvision, Transformers falls back to the PIL backends with a warning at import: take them directly. Both
@@ -109,12 +109,12 @@ def without_video(processor_class: type) -> type:
 
 
 def load_processor(pretrained: str, config=None, **kwargs):
-    """The processor of the vr-hf checkpoint in `pretrained` (its config `config`, read when not given); `kwargs`
-    reach `from_pretrained` (`revision`, ...)."""
-    config = config or AutoConfig.from_pretrained(pretrained, trust_remote_code=True, **kwargs)
+    """The processor of the vr-hf checkpoint in `pretrained` (its config `config`, read when not given), with the
+    installed vr-hf's classes; `kwargs` reach `from_pretrained` (`revision`, ...)."""
+    config = config or AutoConfig.from_pretrained(pretrained, **kwargs)
     backbone = getattr(config, "backbone_model_type", None)  # set by grafted configs only
     if backbone is None or is_torchvision_available():
-        processor = AutoProcessor.from_pretrained(pretrained, trust_remote_code=True, **kwargs)
+        processor = AutoProcessor.from_pretrained(pretrained, **kwargs)
     else:
         processor = without_video(PROCESSOR_MAPPING[CONFIG_MAPPING[backbone]]).from_pretrained(pretrained, **kwargs)
     check_image_token(processor, config, pretrained)

@@ -20,7 +20,7 @@ from accelerate.utils import DistributedType
 from huggingface_hub import ModelCard, ModelCardData
 from trl import SFTConfig, SFTTrainer, TrlParser
 
-from .hub import check_checkpoint_source
+from .checkpoints import resolve_source
 from .training import PARTS, PHASES
 
 
@@ -50,7 +50,7 @@ class RecipeArguments:
         }
     )
     model: str | None = field(
-        default=None, metadata={"help": "Checkpoint folder or Hub id to train, loaded with trust_remote_code=True."}
+        default=None, metadata={"help": "Checkpoint folder or Hub id to train, loaded with vr-hf's own classes."}
     )
     tiny: bool = field(
         default=False, metadata={"help": "Train a tiny random model instead, to try a recipe on a CPU in seconds."}
@@ -157,7 +157,7 @@ def parse_recipe_args(parser: TrlParser, argv=None) -> tuple:
                 # TRL's SFTConfig sets Transformers' deprecated name itself: the warning is not for the user
                 warnings.filterwarnings("ignore", "`gradient_checkpointing` is deprecated", FutureWarning)
             return check_recipe_args(*parser.parse_args_and_config(argv))
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
 
 
@@ -165,7 +165,7 @@ def check_recipe_args(*parsed) -> tuple:
     *parsed, training_args = parsed
     recipe = parsed[0]
     if recipe.model is not None:
-        check_checkpoint_source(recipe.model, "--model")
+        resolve_source(recipe.model, "--model", hub_needs_owner=True)
     if recipe.global_batch_size:
         if training_args.gradient_accumulation_steps != 1:
             raise ValueError(
@@ -278,14 +278,14 @@ def load_training_data(source, image_folder=None, split: str = "train", on_error
 
 
 def load_model_and_processor(name_or_path, **from_pretrained_kwargs):
-    """A Vision Remember checkpoint and its processor, loaded as remote code (`trust_remote_code=True`); the
-    processor first, so that a checkpoint without one is refused before the weights load."""
+    """A vr-hf checkpoint and its processor, with the installed vr-hf's classes (a checkpoint's own remote code is for
+    users without vr-hf); the processor first, so that a checkpoint without one is refused before the weights load."""
     from transformers import AutoModelForImageTextToText
 
     from .processor import load_processor
 
     processor = load_processor(name_or_path)
-    model = AutoModelForImageTextToText.from_pretrained(name_or_path, trust_remote_code=True, **from_pretrained_kwargs)
+    model = AutoModelForImageTextToText.from_pretrained(name_or_path, **from_pretrained_kwargs)
     return model, processor
 
 

@@ -17,7 +17,7 @@ import sys
 from transformers import AutoModelForMultimodalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES
 
-from .modeling import CHECKPOINT_CLASSES
+from .backbones import BACKBONES
 from .processor import load_processor
 
 
@@ -25,9 +25,9 @@ def register_with_the_server():
     """Make Transformers' server load vr-hf checkpoints like native multimodal models."""
     from transformers.cli.serving import model_manager, server
 
-    for config_class, _, head_class in CHECKPOINT_CLASSES:
-        AutoModelForMultimodalLM.register(config_class, head_class, exist_ok=True)
-        MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES[config_class.model_type] = head_class.__name__
+    for backbone in BACKBONES.values():
+        AutoModelForMultimodalLM.register(backbone.config_class, backbone.head_class, exist_ok=True)
+        MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES[backbone.model_type] = backbone.head_class.__name__
     model_manager.ModelManager._load_processor = load_served_processor
     server.build_server = answering_bad_requests(server.build_server)
 

@@ -5,8 +5,8 @@ from functools import cache
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from .modeling.configuration_vision_remember import VisionRememberConfig
-from .modeling.processing_vision_remember import CHAT_TEMPLATE
+from .modeling.configuration_llava_vr import VisionRememberConfig
+from .modeling.processing_llava_vr import CHAT_TEMPLATE
 from .processor import generation_prompt_ids
 
 
@@ -35,32 +35,34 @@ def byte_generation_prompt_ids() -> tuple[int, ...]:
     return tuple(generation_prompt_ids(byte_tokenizer(), CHAT_TEMPLATE))
 
 
+# The tiny SigLIP tower and Qwen2 decoder every tiny model is made of (and, scaled up, the CPU benchmark's)
+TINY_VISION = dict(
+    model_type="siglip_vision_model",
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    image_size=36,
+    patch_size=3,
+    vision_use_head=False,
+)
+TINY_TEXT = dict(
+    model_type="qwen2",
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+)
+
+
 def tiny_config(**overrides) -> VisionRememberConfig:
     """A SigLIP + Qwen2 model small enough to train on a CPU in seconds: 12x12 patches, 4x4 tokens per view."""
     tokenizer_vocab = 256 + len(SPECIAL_TOKENS)
     settings = dict(
-        vision_config=dict(
-            model_type="siglip_vision_model",
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            image_size=36,
-            patch_size=3,
-            vision_use_head=False,
-        ),
-        text_config=dict(
-            model_type="qwen2",
-            vocab_size=tokenizer_vocab,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-            pad_token_id=256,
-            eos_token_id=258,
-        ),
+        vision_config=TINY_VISION,
+        text_config=dict(TINY_TEXT, vocab_size=tokenizer_vocab, pad_token_id=256, eos_token_id=258),
         image_token_id=tokenizer_vocab - 1,
         downsample_factor=3,
         vision_feature_layers=[1, 2, 3],

@@ -1,17 +1,8 @@
 """Training phases: which parts of a Vision Remember model train, each at its own learning rate.
 
-Every model `vr_hf` builds has the same five parts, wherever its architecture keeps them (`PART_PATHS`, attribute
-paths on the `...ForConditionalGeneration` class; on a bare base model drop `model.`):
-
-- LLaVA-VR: `vision_tower` is `model.vision_tower`, `projector` is `model.multi_modal_projector` and
-  `model.image_newline` (the AnyRes row separator, trained with the projector as in LLaVA-NeXT).
-- Qwen2.5-VL with Vision Remember: `vision_tower` is `model.visual` without its `merger`, `projector` is
-  `model.visual.merger` (the 2x2 patch merger into the decoder's width).
-- MiniCPM-V 4.6 with Vision Remember: `vision_tower` is `model.vision_tower` without its `vit_merger`, `projector` is
-  both 2x2 mergers, `model.vision_tower.vit_merger` (window attention inside the ViT, after `insert_layer_id`) and
-  `model.merger` (the MLP into the decoder's width).
-- All three: `vision_remember` is `model.vision_remember`, `language_model` is `model.language_model` (decoder layers,
-  embeddings, final norm), `lm_head` is `lm_head`.
+Every model `vr_hf` builds has the same five parts, wherever its architecture keeps them (`vr_hf.backbones`):
+`vision_tower`, `projector`, `vision_remember`, `language_model` (decoder layers, embeddings, final norm) and
+`lm_head`.
 
 The projector is whatever compresses the vision tower's patches into the decoder's tokens: the detail Vision
 Remember gives back is the detail it loses.
@@ -39,34 +30,10 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 
-from .modeling import VisionRememberConfig, VisionRememberMiniCPMV4_6Config, VisionRememberQwen2_5_VLConfig
+from .backbones import backbone_for
 
 
 PARTS = ("vision_tower", "projector", "vision_remember", "language_model", "lm_head")
-_SHARED_PATHS = {
-    "vision_remember": ("model.vision_remember",),
-    "language_model": ("model.language_model",),
-    "lm_head": ("lm_head",),
-}
-# Per model type. A parameter belongs to the part with the longest path that holds it: a path inside another part's
-# path (a merger inside the vision tower) takes its parameters out of that part.
-PART_PATHS = {
-    VisionRememberConfig.model_type: {
-        "vision_tower": ("model.vision_tower",),
-        "projector": ("model.multi_modal_projector", "model.image_newline"),
-        **_SHARED_PATHS,
-    },
-    VisionRememberQwen2_5_VLConfig.model_type: {
-        "vision_tower": ("model.visual",),
-        "projector": ("model.visual.merger",),
-        **_SHARED_PATHS,
-    },
-    VisionRememberMiniCPMV4_6Config.model_type: {
-        "vision_tower": ("model.vision_tower",),
-        "projector": ("model.vision_tower.vit_merger", "model.merger"),
-        **_SHARED_PATHS,
-    },
-}
 
 # The paper's learning rates: 1e-3 for alignment (global batch 256), 2e-4 for instruction tuning (global batch 32).
 PHASE_1 = {"projector": 1e-3, "vision_remember": 1e-3}
@@ -77,12 +44,10 @@ PHASES = {1: PHASE_1, 2: PHASE_2, "alignment": PHASE_1, "instruction": PHASE_2}
 def part_paths(model: nn.Module) -> dict[str, tuple[str, ...]]:
     """Where `model` keeps each part; a clear error for a model whose parts `vr_hf` does not know."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in PART_PATHS:
-        raise ValueError(
-            f"{type(model).__name__} (model type {model_type!r}) has no known training parts: the phases train "
-            f"{', '.join(PART_PATHS)} models."
-        )
-    return PART_PATHS[model_type]
+    try:
+        return backbone_for(model_type).parts
+    except ValueError as error:
+        raise ValueError(f"{type(model).__name__} has no known training parts: {error}") from None
 
 
 def parameters_by_part(model: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -187,7 +152,6 @@ def parts_optimizer(learning_rates: Mapping[str, float] | int | str, weight_deca
 
 __all__ = [
     "PARTS",
-    "PART_PATHS",
     "PHASE_1",
     "PHASE_2",
     "PHASES",

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+from ..checkpoints import ConversionError, check_output_dir, load_part, resolve_source, write_checkpoint
 from ..modeling import VisionRememberConfig, VisionRememberForConditionalGeneration
-from ..modeling.processing_vision_remember import CHAT_TEMPLATE
+from ..modeling.processing_llava_vr import CHAT_TEMPLATE
 from ..processor import build_processor, generation_prompt_ids
 
 
@@ -31,47 +30,6 @@ VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", IMAGE_TOKEN]
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
 VISION_CONFIG_FIELDS = ("hidden_size", "num_hidden_layers", "image_size", "patch_size")
 TEXT_CONFIG_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-
-
-class ConversionError(ValueError):
-    """A conversion that cannot be done as asked; the message says why and what to do."""
-
-
-def _source(name: str, role: str) -> str:
-    """A local folder (which must exist) or a Hub id (left to `from_pretrained`)."""
-    name = os.fspath(name)
-    expanded = os.path.expanduser(name)
-    if os.path.isdir(expanded):
-        return expanded
-    looks_local = (
-        os.path.isabs(expanded) or name.startswith((".", "~")) or name.count("/") > 1 or os.path.exists(expanded)
-    )
-    if looks_local:
-        raise FileNotFoundError(
-            f"{role} {name!r}: no such folder. Give a folder with a Transformers checkpoint (config.json and weights) "
-            "or a Hub id such as 'google/siglip-so400m-patch14-384'."
-        )
-    return name
-
-
-def _load(loader, source: str, role: str, **kwargs):
-    try:
-        return loader(source, **kwargs)
-    except (OSError, ValueError, KeyError) as error:
-        raise ConversionError(f"Could not load the {role} from {source!r}: {error}") from error
-
-
-def _check_output_dir(output_dir: str, overwrite: bool) -> str:
-    output_dir = os.path.abspath(os.path.expanduser(os.fspath(output_dir)))
-    if os.path.exists(output_dir):
-        if not os.path.isdir(output_dir):
-            raise FileExistsError(f"output_dir {output_dir!r} is a file: give a folder path.")
-        if os.listdir(output_dir) and not overwrite:
-            raise FileExistsError(
-                f"output_dir {output_dir!r} exists and is not empty: choose another folder, or pass overwrite=True "
-                "(--overwrite) to replace it."
-            )
-    return output_dir
 
 
 def _vision_config(source_config):
@@ -219,34 +177,6 @@ print(processor.batch_decode(model.generate(**inputs, max_new_tokens=32), skip_s
 """
 
 
-def _write(output_dir: str, model, processor, files: dict[str, str]):
-    parent, name = os.path.split(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    partial = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(partial, 0o777 & ~umask)  # mkdtemp's folder is private; the checkpoint should not be
-    old = None
-    try:
-        model.save_pretrained(partial)
-        processor.save_pretrained(partial)
-        for filename, text in files.items():
-            with open(os.path.join(partial, filename), "w") as file:
-                file.write(text)
-        if os.path.exists(output_dir):
-            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-            os.rmdir(old)
-            os.replace(output_dir, old)
-        os.replace(partial, output_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        if old is not None and not os.path.exists(output_dir):
-            os.replace(old, output_dir)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def build_from_parts(
     vision_model: str,
     text_model: str,
@@ -284,13 +214,13 @@ def build_from_parts(
         dtype = getattr(torch, dtype)
 
     # 1. Check every input before loading weights, and everything before writing.
-    output_dir = _check_output_dir(output_dir, overwrite)
-    vision_source = _source(vision_model, "vision_model")
-    text_source = _source(text_model, "text_model")
+    output_dir = check_output_dir(output_dir, overwrite)
+    vision_source = resolve_source(vision_model, "vision_model")
+    text_source = resolve_source(text_model, "text_model")
     text_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    vision_config = _vision_config(_load(AutoConfig.from_pretrained, vision_source, "vision model config"))
-    text_config = _text_config(_load(AutoConfig.from_pretrained, text_source, "text model config", **text_kwargs))
-    tokenizer = _load(AutoTokenizer.from_pretrained, text_source, "tokenizer", **text_kwargs)
+    vision_config = _vision_config(load_part(AutoConfig.from_pretrained, vision_source, "vision model config"))
+    text_config = _text_config(load_part(AutoConfig.from_pretrained, text_source, "text model config", **text_kwargs))
+    tokenizer = load_part(AutoTokenizer.from_pretrained, text_source, "tokenizer", **text_kwargs)
     added_tokens = _add_special_tokens(tokenizer)
     old_vocab = text_config.vocab_size
     vocab_size = max(old_vocab, len(tokenizer))
@@ -325,8 +255,8 @@ def build_from_parts(
         raise ConversionError(f"Invalid Vision Remember settings for these parts: {error}") from error
 
     # 2. Load the parts and check them.
-    vision = _load(AutoModel.from_pretrained, vision_source, "vision model", dtype=torch.float32)
-    decoder = _load(
+    vision = load_part(AutoModel.from_pretrained, vision_source, "vision model", dtype=torch.float32)
+    decoder = load_part(
         AutoModelForCausalLM.from_pretrained, text_source, "text model", dtype=torch.float32, **text_kwargs
     )
     layers = getattr(decoder.base_model, "layers", None)
@@ -379,7 +309,9 @@ def build_from_parts(
     }
 
     # 4. Write into a temporary sibling folder, then rename it.
-    _write(output_dir, model, processor, {"README.md": card, "conversion.json": json.dumps(record, indent=2) + "\n"})
+    write_checkpoint(
+        output_dir, model, processor, {"README.md": card, "conversion.json": json.dumps(record, indent=2) + "\n"}
+    )
     return output_dir
 
 

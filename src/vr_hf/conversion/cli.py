@@ -37,6 +37,11 @@ def add_vision_remember_arguments(parser: argparse.ArgumentParser):
         parser.add_argument(f"--no-{switch.replace('_', '-')}", action="store_true", help=f"turn {switch} off")
 
 
+def add_backbone_arguments(parser: argparse.ArgumentParser):
+    """The settings of one backbone's grafted config (`vision_remember_settings` reads them too)."""
+    parser.add_argument("--no-deepstack", action="store_true", help="Qwen3-VL: turn its own DeepStack off")
+
+
 def vision_remember_settings(args: argparse.Namespace) -> dict:
     """The config fields that `add_vision_remember_arguments`' arguments set."""
     settings = {
@@ -44,8 +49,8 @@ def vision_remember_settings(args: argparse.Namespace) -> dict:
         for name in ("remember_after_layers", "vision_feature_layers", "interaction", "cross_attention_heads")
         if getattr(args, name) is not None
     }
-    for switch in SWITCHES:
-        if getattr(args, f"no_{switch}"):
+    for switch in (*SWITCHES, "deepstack"):
+        if getattr(args, f"no_{switch}", False):
             settings[switch] = False
     return settings
 
@@ -57,6 +62,7 @@ def graft_parser(description: str, epilog: str) -> argparse.ArgumentParser:
     parser.add_argument("--source", required=True, help="Hub id or folder of the native checkpoint")
     add_output_arguments(parser)
     add_vision_remember_arguments(parser)
+    add_backbone_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the new blocks' initialisation")
     return parser
 

@@ -17,7 +17,7 @@ from transformers import SiglipVisionModel
 
 from ..conversion import build_from_parts
 from ..modeling import VisionRememberConfig, VisionRememberForConditionalGeneration
-from ..modeling.processing_vision_remember import VisionRememberProcessor
+from ..modeling.processing_llava_vr import VisionRememberProcessor
 from ..processor import build_processor
 from ..tiny import byte_tokenizer, tiny_config
 from .settings import DECODERS

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from huggingface_hub import constants
 
-from ..hub import check_checkpoint_source
+from ..checkpoints import resolve_source
 from . import TASKS_DIR, paper
 
 
@@ -34,7 +34,7 @@ def parse_arguments(argv=None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "checkpoint", help="folder (or Hub id) of a LLaVA-VR or grafted Qwen2.5-VL/MiniCPM-V checkpoint"
+        "checkpoint", help="folder (or Hub id) of a vr-hf checkpoint: LLaVA-VR, or a graft (vr_hf.backbones)"
     )
     suite = parser.add_mutually_exclusive_group()
     suite.add_argument("--tasks", nargs="+", help=f"lmms-eval task names (default: the group {OFFLINE_GROUP})")
@@ -49,8 +49,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     if arguments.limit is not None and arguments.limit < 1:
         parser.error("--limit must be 1 or more")
     try:
-        check_checkpoint_source(arguments.checkpoint)
-    except ValueError as error:
+        resolve_source(arguments.checkpoint, "the checkpoint", hub_needs_owner=True)
+    except FileNotFoundError as error:
         parser.error(str(error))
     return arguments
 

@@ -1,4 +1,4 @@
-"""`vr_hf`, the lmms-eval model for every vr-hf checkpoint: LLaVA-VR and grafted Qwen2.5-VL or MiniCPM-V 4.6.
+"""`vr_hf`, the lmms-eval model for every vr-hf checkpoint: LLaVA-VR and every graft (`vr_hf.backbones`).
 
     lmms-eval --model vr_hf --model_args pretrained=outputs/vr-hf/checkpoint,dtype=bfloat16 --batch_size 16 --tasks ...
 
@@ -15,10 +15,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForImageTextToText, StoppingCriteria, StoppingCriteriaList
 
+from ..backbones import BACKBONES
 from ..processor import load_processor
 
 
-MODEL_TYPES = ("vision_remember", "vision_remember_qwen2_5_vl", "vision_remember_minicpmv4_6")
+MODEL_TYPES = tuple(backbone.model_type for backbone in BACKBONES.values())
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_MAX_NEW_TOKENS = 128
 
@@ -58,7 +59,7 @@ class VisionRememberLMMS(lmms):
     ):
         super().__init__()
         check_arguments(dtype, batch_size, unknown)
-        config = AutoConfig.from_pretrained(pretrained, trust_remote_code=True)
+        config = AutoConfig.from_pretrained(pretrained)
         if config.model_type not in MODEL_TYPES:
             raise ValueError(
                 f"{pretrained} is a {config.model_type!r} checkpoint: --model vr_hf evaluates vr-hf checkpoints "
@@ -70,9 +71,7 @@ class VisionRememberLMMS(lmms):
         self.processor.tokenizer.padding_side = "left"  # prompts of a batch end together, where generation starts
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-        self.model = AutoModelForImageTextToText.from_pretrained(
-            pretrained, dtype=dtype, trust_remote_code=True, **extra
-        )
+        self.model = AutoModelForImageTextToText.from_pretrained(pretrained, dtype=dtype, **extra)
         self.model.to(self._device).eval()
         self.batch_size = int(batch_size)
 

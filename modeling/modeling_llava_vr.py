@@ -2,7 +2,7 @@
 
 `EfficientLlavaModel` is the efficient LVLM the paper starts from: a vision tower, a projector that compresses its
 features by `s**2`, the LLaVA-NeXT AnyRes layout, and a decoder. `VisionRememberModel` adds Vision Remember to it
-exactly as the grafts add it to Transformers' Qwen2.5-VL and MiniCPM-V (`modeling_vision_remember_base`).
+exactly as the grafts add it to Transformers' Qwen2.5-VL, Qwen3-VL and MiniCPM-V (`modeling_vision_remember_base`).
 """
 
 import math
@@ -18,7 +18,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_vision_remember import VisionRememberConfig
+from .configuration_llava_vr import VisionRememberConfig
 from .image_layout import ImageLayout, image_windows
 from .modeling_vision_remember_base import (
     RememberImageOutputs,

@@ -110,12 +110,13 @@ class VisionRememberConfig(VisionRememberSettings):
         if self.generation_prompt_ids is None:
             self.generation_prompt_ids = list(QWEN2_GENERATION_PROMPT_IDS)
         super().__post_init__(**kwargs)
-        if getattr(self, "auto_map", None) is None:
-            self.auto_map = {
-                "AutoConfig": "configuration_vision_remember.VisionRememberConfig",
-                "AutoModel": "modeling_vision_remember.VisionRememberModel",
-                "AutoModelForImageTextToText": "modeling_vision_remember.VisionRememberForConditionalGeneration",
-            }
+        # This code's own files, also where a checkpoint saved by older code named others
+        self.auto_map = {
+            **(getattr(self, "auto_map", None) or {}),
+            "AutoConfig": "configuration_llava_vr.VisionRememberConfig",
+            "AutoModel": "modeling_llava_vr.VisionRememberModel",
+            "AutoModelForImageTextToText": "modeling_llava_vr.VisionRememberForConditionalGeneration",
+        }
 
     @property
     def max_vision_feature_layer(self) -> int:

@@ -1,10 +1,10 @@
 """Graft Vision Remember onto native Transformers VLM checkpoints, and strip it off again.
 
-`graft_qwen2_5_vl` and `graft_minicpmv4_6` turn a `Qwen2_5_VLForConditionalGeneration` or
-`MiniCPMV4_6ForConditionalGeneration` checkpoint into a remote-code checkpoint of the same model with Vision Remember:
-every native weight keeps its key and value, the new blocks live under `model.vision_remember.*`, and with
-`identity_init` (the default) the grafted model's logits equal the original's exactly until it is trained.
-`strip_vision_remember` gives back the native architecture, config and keys.
+`graft` turns a native checkpoint of any grafted backbone of `vr_hf.backbones` (Transformers' own Qwen2.5-VL,
+Qwen3-VL, MiniCPM-V 4.6) into a remote-code checkpoint of the same model with Vision Remember: every native weight
+keeps its key and value, the new blocks live under `model.vision_remember.*`, and with `identity_init` (the
+default) the grafted model's logits equal the original's exactly until it is trained. `strip_vision_remember` gives
+back the native architecture, config and keys.
 
 The source's tokenizer, processor and chat-template files are carried over unchanged. Everything is checked and built
 in memory before anything is written; the output is written into a temporary sibling folder that is renamed at the
@@ -16,24 +16,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import StrictDataclassError
-from transformers import AutoTokenizer, PreTrainedConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-from transformers.models.minicpmv4_6 import MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration
+from transformers import AutoTokenizer, PreTrainedConfig
 
-from ..modeling import (
-    VisionRememberMiniCPMV4_6Config,
-    VisionRememberMiniCPMV4_6ForConditionalGeneration,
-    VisionRememberQwen2_5_VLConfig,
-    VisionRememberQwen2_5_VLForConditionalGeneration,
-)
-from ..modeling.configuration_vision_remember_graft import VisionRememberGraftConfig
+from ..backbones import BACKBONES, GRAFTS, Backbone, backbone_for
+from ..checkpoints import ConversionError, check_output_dir, load_part, resolve_source, write_checkpoint
 from ..processor import generation_prompt_ids
-from .build import ConversionError, _check_output_dir, _load, _source, _write
 
 
 PREFIX = "model.vision_remember."
@@ -42,36 +34,6 @@ CONFIG_BOOKKEEPING = ("model_type", "architectures", "auto_map", "transformers_v
 # Files a checkpoint's model writes itself, or that belong to one architecture only: never carried over.
 MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".py", ".safetensors.index.json", ".bin.index.json")
 MODEL_FILES = ("config.json", "generation_config.json", "README.md")
-
-
-@dataclass(frozen=True)
-class Backbone:
-    """A native VLM class and its Vision Remember counterpart."""
-
-    name: str
-    config_class: type
-    model_class: type
-    graft_config_class: type
-    graft_model_class: type
-
-
-BACKBONES = {
-    "qwen2_5_vl": Backbone(
-        "Qwen2.5-VL",
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        VisionRememberQwen2_5_VLConfig,
-        VisionRememberQwen2_5_VLForConditionalGeneration,
-    ),
-    "minicpmv4_6": Backbone(
-        "MiniCPM-V 4.6",
-        MiniCPMV4_6Config,
-        MiniCPMV4_6ForConditionalGeneration,
-        VisionRememberMiniCPMV4_6Config,
-        VisionRememberMiniCPMV4_6ForConditionalGeneration,
-    ),
-}
-GRAFTED = {backbone.graft_config_class.model_type: model_type for model_type, backbone in BACKBONES.items()}
 
 
 class CarriedFiles:
@@ -98,11 +60,11 @@ def _local_folder(source: str) -> str:
     if os.path.isdir(source):
         return source
     patterns = [f"*{suffix}" for suffix in MODEL_FILE_SUFFIXES]
-    return _load(snapshot_download, source, "checkpoint files", ignore_patterns=patterns)
+    return load_part(snapshot_download, source, "checkpoint files", ignore_patterns=patterns)
 
 
 def _model_type(source: str) -> str:
-    config, _ = _load(PreTrainedConfig.get_config_dict, source, "config")
+    config, _ = load_part(PreTrainedConfig.get_config_dict, source, "config")
     return config.get("model_type")
 
 
@@ -114,16 +76,16 @@ def _config_arguments(config: PreTrainedConfig, drop=()) -> dict:
 
 
 def _graft_config(backbone: Backbone, source: str, settings: dict):
-    unknown = sorted(set(settings) - set(VisionRememberGraftConfig.graft_fields()))
+    unknown = sorted(set(settings) - set(backbone.config_class.graft_fields()))
     if unknown:
         raise ConversionError(
-            f"Unknown Vision Remember settings {unknown}: use {VisionRememberGraftConfig.graft_fields()}."
+            f"Unknown Vision Remember settings {unknown}: use {backbone.config_class.graft_fields()}."
         )
-    native = _load(backbone.config_class.from_pretrained, source, f"{backbone.name} config")
+    native = load_part(backbone.native_config_class.from_pretrained, source, f"{backbone.display_name} config")
     if "generation_prompt_ids" not in settings:
         settings = dict(settings, generation_prompt_ids=_generation_prompt_ids(source))
     try:
-        return backbone.graft_config_class(**_config_arguments(native), **settings)
+        return backbone.config_class(**_config_arguments(native), **settings)
     except (StrictDataclassError, TypeError) as error:  # the config's own checks: each names the field and the fix
         raise ConversionError(f"Invalid Vision Remember settings for this checkpoint: {error}") from error
 
@@ -151,7 +113,7 @@ def _copy_weights(target: torch.nn.Module, state: dict):
 
 def _graft_card(model, source: str) -> str:
     config = model.config
-    name = BACKBONES[config.backbone_model_type].name
+    name = BACKBONES[config.backbone_model_type].display_name
     return f"""---
 library_name: transformers
 pipeline_tag: image-text-to-text
@@ -215,54 +177,48 @@ model = AutoModelForImageTextToText.from_pretrained(path)
 """
 
 
-def _graft(model_type: str, source: str, output_dir: str, overwrite: bool, seed: int, settings: dict) -> str:
-    backbone = BACKBONES[model_type]
-    output_dir = _check_output_dir(output_dir, overwrite)
-    source = _source(source, "source")
+def graft(source: str, output_dir: str, *, overwrite: bool = False, seed: int = 0, **settings) -> str:
+    """Graft Vision Remember onto a native checkpoint of any backbone in `vr_hf.backbones` (Qwen2.5-VL, Qwen3-VL,
+    MiniCPM-V 4.6; told by its `model_type`); return the output folder.
+
+    Args:
+        source: Hub id or folder of the native checkpoint.
+        output_dir: Folder to write; it must not exist or be empty unless `overwrite=True`.
+        overwrite: Replace a non-empty `output_dir` (only once the new checkpoint is fully written).
+        seed: Seed of the new blocks' initialisation.
+        **settings: The grafted config's own fields: `remember_after_layers`, `vision_feature_layers`,
+            `interaction`, `multi_level`, `bidirectional`, `text_guidance`, `cross_attention_heads`, `identity_init`,
+            and a backbone's own (Qwen3-VL's `deepstack`). `vision_feature_layers` must be full-resolution hidden
+            states (MiniCPM-V: `0..insert_layer_id + 1`).
+    """
+    output_dir = check_output_dir(output_dir, overwrite)
+    source = resolve_source(source, "source")
     found = _model_type(source)
-    if found in GRAFTED:
+    grafted = {BACKBONES[name].model_type for name in GRAFTS}
+    if found in grafted:
         raise ConversionError(
             f"{source!r} already has Vision Remember (model_type {found!r}): strip it first with "
             "strip_vision_remember, or train it as it is."
         )
-    if found != model_type:
+    natives = {BACKBONES[name].native_model_type: BACKBONES[name] for name in GRAFTS}
+    if found not in natives:
         raise ConversionError(
-            f"{source!r} is a {found!r} checkpoint, not {model_type!r}: this conversion grafts onto {backbone.name}. "
-            f"Supported: {sorted(BACKBONES)}."
+            f"{source!r} is a {found!r} checkpoint: Vision Remember grafts onto "
+            f"{', '.join(backbone.display_name for backbone in natives.values())} (model_type one of {list(natives)})."
         )
+    backbone = natives[found]
     config = _graft_config(backbone, source, settings)
-    native = _load(backbone.model_class.from_pretrained, source, f"{backbone.name} model", dtype="auto")
+    native = load_part(
+        backbone.native_head_class.from_pretrained, source, f"{backbone.display_name} model", dtype="auto"
+    )
 
     torch.manual_seed(seed)
-    model = backbone.graft_model_class(config).eval()
+    model = backbone.head_class(config).eval()
     _copy_weights(model, native.state_dict())
     model.to(native.dtype)
     model.generation_config = native.generation_config
-    _write(output_dir, model, CarriedFiles(_local_folder(source)), {"README.md": _graft_card(model, source)})
+    write_checkpoint(output_dir, model, CarriedFiles(_local_folder(source)), {"README.md": _graft_card(model, source)})
     return output_dir
-
-
-def graft_qwen2_5_vl(source: str, output_dir: str, *, overwrite: bool = False, seed: int = 0, **settings) -> str:
-    """Graft Vision Remember onto a `Qwen2_5_VLForConditionalGeneration` checkpoint; return the output folder.
-
-    Args:
-        source: Hub id or folder of a Qwen2.5-VL checkpoint.
-        output_dir: Folder to write; it must not exist or be empty unless `overwrite=True`.
-        overwrite: Replace a non-empty `output_dir` (only once the new checkpoint is fully written).
-        seed: Seed of the new blocks' initialisation.
-        **settings: `VisionRememberGraftConfig` fields: `remember_after_layers`, `vision_feature_layers`,
-            `interaction`, `multi_level`, `bidirectional`, `text_guidance`, `cross_attention_heads`, `identity_init`...
-    """
-    return _graft("qwen2_5_vl", source, output_dir, overwrite, seed, settings)
-
-
-def graft_minicpmv4_6(source: str, output_dir: str, *, overwrite: bool = False, seed: int = 0, **settings) -> str:
-    """Graft Vision Remember onto a `MiniCPMV4_6ForConditionalGeneration` checkpoint; return the output folder.
-
-    Arguments as for [`graft_qwen2_5_vl`]. `vision_feature_layers` must be full-resolution hidden states:
-    `0..insert_layer_id + 1`.
-    """
-    return _graft("minicpmv4_6", source, output_dir, overwrite, seed, settings)
 
 
 def strip_vision_remember(source: str, output_dir: str, *, overwrite: bool = False) -> str:
@@ -271,24 +227,25 @@ def strip_vision_remember(source: str, output_dir: str, *, overwrite: bool = Fal
     The native weights are written as they are in `source` (trained or not); the `model.vision_remember.*` weights are
     dropped.
     """
-    output_dir = _check_output_dir(output_dir, overwrite)
-    source = _source(source, "source")
+    output_dir = check_output_dir(output_dir, overwrite)
+    source = resolve_source(source, "source")
     found = _model_type(source)
-    if found not in GRAFTED:
+    grafted_types = [BACKBONES[name].model_type for name in GRAFTS]
+    if found not in grafted_types:
         raise ConversionError(
-            f"{source!r} (model_type {found!r}) has no Vision Remember to strip: give a checkpoint written by "
-            f"graft_qwen2_5_vl or graft_minicpmv4_6 (model_type one of {sorted(GRAFTED)})."
+            f"{source!r} (model_type {found!r}) has no Vision Remember to strip: give a checkpoint written by graft "
+            f"(model_type one of {grafted_types})."
         )
-    backbone = BACKBONES[GRAFTED[found]]
-    grafted = _load(backbone.graft_model_class.from_pretrained, source, "grafted model", dtype="auto")
-    drop = VisionRememberGraftConfig.graft_fields()
-    config = backbone.config_class(**_config_arguments(grafted.config, drop))
-    model = backbone.model_class(config).eval()
+    backbone = backbone_for(found)
+    grafted = load_part(backbone.head_class.from_pretrained, source, "grafted model", dtype="auto")
+    drop = backbone.config_class.graft_fields()
+    config = backbone.native_config_class(**_config_arguments(grafted.config, drop))
+    model = backbone.native_head_class(config).eval()
     _copy_weights(model, grafted.state_dict())
     model.to(grafted.dtype)
     model.generation_config = grafted.generation_config
-    _write(output_dir, model, CarriedFiles(_local_folder(source)), {"README.md": _strip_card(model, source)})
+    write_checkpoint(output_dir, model, CarriedFiles(_local_folder(source)), {"README.md": _strip_card(model, source)})
     return output_dir
 
 
-__all__ = ["graft_minicpmv4_6", "graft_qwen2_5_vl", "strip_vision_remember"]
+__all__ = ["graft", "strip_vision_remember"]

@@ -1,0 +1,99 @@
+"""Qwen3-VL with Vision Remember: the native `Qwen3VLForConditionalGeneration`, its weights under their own keys, plus
+`model.vision_remember`.
+
+Qwen3-VL's image processor lays each image's patches out merge unit after merge unit (2x2 blocks, row-major), and its
+patch merger turns each unit into one vision token: `hidden_states.view(-1, 4, C)` gives each token its own 2x2 block,
+which becomes its window of multi-level features. DeepStack stays as Qwen3-VL runs it, unless `config.deepstack` is
+off.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLForConditionalGeneration, Qwen3VLModel
+from transformers.utils.generic import can_return_tuple
+
+from .configuration_vision_remember_qwen3_vl import VisionRememberQwen3VLConfig
+from .modeling_vision_remember_base import (
+    RememberImageOutputs,
+    VisionRememberForConditionalGenerationMixin,
+    VisionRememberModelMixin,
+    capture_hidden_states,
+)
+
+
+@dataclass
+class RememberImageOutputsWithDeepstack(RememberImageOutputs):
+    r"""
+    deepstack_features (`list[tuple[torch.FloatTensor]]`, *optional*):
+        Per DeepStack encoder layer, each image's merged features, as Qwen3-VL's `get_image_features` returns them;
+        zeros with `config.deepstack` off.
+    """
+
+    deepstack_features: list | None = None
+
+    def zero(self) -> torch.Tensor:
+        return super().zero() + sum(feature.sum() for level in self.deepstack_features for feature in level) * 0
+
+
+class VisionRememberQwen3VLModel(VisionRememberModelMixin, Qwen3VLModel):
+    """[`Qwen3VLModel`] whose image tokens are rewritten after the chosen decoder layers from the multi-level features
+    of the 2x2 patch block each was merged from. All Vision Remember logic lives here (trainers call it)."""
+
+    config: VisionRememberQwen3VLConfig
+
+    def __init__(self, config: VisionRememberQwen3VLConfig):
+        super().__init__(config)
+        self.attach_vision_remember()
+        self.post_init()
+
+    @can_return_tuple
+    def get_image_features(
+        self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor | None = None, **kwargs
+    ) -> RememberImageOutputsWithDeepstack:
+        """[`Qwen3VLModel.get_image_features`], plus each image's multi-level features `(patches, L * C)` in token
+        order and each token's window of them."""
+        layers, unit = self.config.remember_feature_layers, self.visual.spatial_merge_unit
+        with capture_hidden_states(self.visual.blocks, layers) as states:
+            outputs = super().get_image_features(pixel_values, image_grid_thw, **{**kwargs, "return_dict": True})
+        if not self.config.deepstack:  # added as zeros: every path that carries DeepStack's features still runs
+            outputs.deepstack_features = [[feature * 0 for feature in level] for level in outputs.deepstack_features]
+        features = torch.cat([states[layer] for layer in layers], dim=-1)
+        rows = [len(image) * unit for image in outputs.pooler_output]
+        local = [torch.arange(count).view(-1, unit) for count in rows]
+        return RememberImageOutputsWithDeepstack(**outputs, remember_features=features.split(rows), window_index=local)
+
+    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor, **kwargs):
+        """`get_image_features`, called as the native forward calls it."""
+        return self.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+
+    def image_token_counts(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor, **kwargs) -> list[int]:
+        return (image_grid_thw.prod(dim=-1) // self.visual.spatial_merge_unit).tolist()
+
+    def stand_in_image(self) -> dict:
+        """A blank image of one vision token: one 2x2 block of patches."""
+        vision, device = self.config.vision_config, self.device
+        patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        pixel_values = torch.zeros(self.visual.spatial_merge_unit, patch, device=device, dtype=self.visual.dtype)
+        merge = vision.spatial_merge_size
+        return {"pixel_values": pixel_values, "image_grid_thw": torch.tensor([[1, merge, merge]], device=device)}
+
+
+class VisionRememberQwen3VLForConditionalGeneration(
+    VisionRememberForConditionalGenerationMixin, Qwen3VLForConditionalGeneration
+):
+    """[`Qwen3VLForConditionalGeneration`] with Vision Remember in its `model`; same state-dict keys, plus
+    `model.vision_remember.*`."""
+
+    config: VisionRememberQwen3VLConfig
+
+    def __init__(self, config: VisionRememberQwen3VLConfig):
+        super(Qwen3VLForConditionalGeneration, self).__init__(config)  # the native head, with our model
+        self.model = VisionRememberQwen3VLModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.hand_labels_to_model()
+        self.post_init()
+
+
+__all__ = ["VisionRememberQwen3VLForConditionalGeneration", "VisionRememberQwen3VLModel"]
