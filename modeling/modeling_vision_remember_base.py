@@ -299,6 +299,31 @@ class VisionRememberModelMixin(VisionRememberPreTrainedMixin):
         return zero
 
 
+class QwenVLImagesMixin:
+    """The image inputs of Transformers' Qwen-VL models, for `VisionRememberModelMixin`: patches with their
+    `image_grid_thw`, laid out merge unit after merge unit, each unit (2x2 patches) merged into one vision token."""
+
+    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor, **kwargs):
+        """`get_image_features`, called as the native forward calls it."""
+        return self.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+
+    def image_token_counts(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor, **kwargs) -> list[int]:
+        return (image_grid_thw.prod(dim=-1) // self.visual.spatial_merge_unit).tolist()
+
+    def merge_unit_windows(self, pooler_output) -> list[torch.Tensor]:
+        """Per image, each vision token's window: the rows of the image's patches (in token order) its unit holds."""
+        unit = self.visual.spatial_merge_unit
+        return [torch.arange(len(tokens) * unit).view(-1, unit) for tokens in pooler_output]
+
+    def stand_in_image(self) -> dict:
+        """A blank image of one vision token: one merge unit of patches."""
+        vision, device = self.config.vision_config, self.device
+        patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        pixel_values = torch.zeros(self.visual.spatial_merge_unit, patch, device=device, dtype=self.visual.dtype)
+        merge = vision.spatial_merge_size
+        return {"pixel_values": pixel_values, "image_grid_thw": torch.tensor([[1, merge, merge]], device=device)}
+
+
 class VisionRememberForConditionalGenerationMixin(VisionRememberPreTrainedMixin):
     """The head: hands trainers' labels to the model, keeps generated text out of the text-guided token, and regroups
     the Vision Remember features with the images when generation expands samples into beams or returned sequences."""

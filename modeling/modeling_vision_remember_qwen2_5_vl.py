@@ -17,6 +17,7 @@ from transformers.vision_utils import get_vision_window_index
 
 from .configuration_vision_remember_qwen2_5_vl import VisionRememberQwen2_5_VLConfig
 from .modeling_vision_remember_base import (
+    QwenVLImagesMixin,
     RememberImageOutputs,
     VisionRememberForConditionalGenerationMixin,
     VisionRememberModelMixin,
@@ -24,7 +25,7 @@ from .modeling_vision_remember_base import (
 )
 
 
-class VisionRememberQwen2_5_VLModel(VisionRememberModelMixin, Qwen2_5_VLModel):
+class VisionRememberQwen2_5_VLModel(QwenVLImagesMixin, VisionRememberModelMixin, Qwen2_5_VLModel):
     """[`Qwen2_5_VLModel`] whose image tokens are rewritten after the chosen decoder layers from the multi-level
     features of the 2x2 patch block each was merged from. All Vision Remember logic lives here (trainers call it)."""
 
@@ -53,24 +54,9 @@ class VisionRememberQwen2_5_VLModel(VisionRememberModelMixin, Qwen2_5_VLModel):
             [states[layer].view(-1, unit, states[layer].shape[-1])[token_order].flatten(0, 1) for layer in layers],
             dim=-1,
         )
-        rows = [len(image) * unit for image in outputs.pooler_output]
-        local = [torch.arange(count).view(-1, unit) for count in rows]
+        local = self.merge_unit_windows(outputs.pooler_output)
+        rows = [window.numel() for window in local]
         return RememberImageOutputs(**outputs, remember_features=features.split(rows), window_index=local)
-
-    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor, **kwargs):
-        """`get_image_features`, called as the native forward calls it."""
-        return self.get_image_features(pixel_values, image_grid_thw, return_dict=True)
-
-    def image_token_counts(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor, **kwargs) -> list[int]:
-        return (image_grid_thw.prod(dim=-1) // self.visual.spatial_merge_unit).tolist()
-
-    def stand_in_image(self) -> dict:
-        """A blank image of one vision token: one 2x2 block of patches."""
-        vision, device = self.config.vision_config, self.device
-        patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
-        pixel_values = torch.zeros(self.visual.spatial_merge_unit, patch, device=device, dtype=self.visual.dtype)
-        merge = vision.spatial_merge_size
-        return {"pixel_values": pixel_values, "image_grid_thw": torch.tensor([[1, merge, merge]], device=device)}
 
 
 class VisionRememberQwen2_5_VLForConditionalGeneration(

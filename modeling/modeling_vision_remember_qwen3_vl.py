@@ -16,6 +16,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .configuration_vision_remember_qwen3_vl import VisionRememberQwen3VLConfig
 from .modeling_vision_remember_base import (
+    QwenVLImagesMixin,
     RememberImageOutputs,
     VisionRememberForConditionalGenerationMixin,
     VisionRememberModelMixin,
@@ -37,7 +38,7 @@ class RememberImageOutputsWithDeepstack(RememberImageOutputs):
         return super().zero() + sum(feature.sum() for level in self.deepstack_features for feature in level) * 0
 
 
-class VisionRememberQwen3VLModel(VisionRememberModelMixin, Qwen3VLModel):
+class VisionRememberQwen3VLModel(QwenVLImagesMixin, VisionRememberModelMixin, Qwen3VLModel):
     """[`Qwen3VLModel`] whose image tokens are rewritten after the chosen decoder layers from the multi-level features
     of the 2x2 patch block each was merged from. All Vision Remember logic lives here (trainers call it)."""
 
@@ -54,30 +55,15 @@ class VisionRememberQwen3VLModel(VisionRememberModelMixin, Qwen3VLModel):
     ) -> RememberImageOutputsWithDeepstack:
         """[`Qwen3VLModel.get_image_features`], plus each image's multi-level features `(patches, L * C)` in token
         order and each token's window of them."""
-        layers, unit = self.config.remember_feature_layers, self.visual.spatial_merge_unit
+        layers = self.config.remember_feature_layers
         with capture_hidden_states(self.visual.blocks, layers) as states:
             outputs = super().get_image_features(pixel_values, image_grid_thw, **{**kwargs, "return_dict": True})
         if not self.config.deepstack:  # added as zeros: every path that carries DeepStack's features still runs
             outputs.deepstack_features = [[feature * 0 for feature in level] for level in outputs.deepstack_features]
         features = torch.cat([states[layer] for layer in layers], dim=-1)
-        rows = [len(image) * unit for image in outputs.pooler_output]
-        local = [torch.arange(count).view(-1, unit) for count in rows]
+        local = self.merge_unit_windows(outputs.pooler_output)
+        rows = [window.numel() for window in local]
         return RememberImageOutputsWithDeepstack(**outputs, remember_features=features.split(rows), window_index=local)
-
-    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor, **kwargs):
-        """`get_image_features`, called as the native forward calls it."""
-        return self.get_image_features(pixel_values, image_grid_thw, return_dict=True)
-
-    def image_token_counts(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor, **kwargs) -> list[int]:
-        return (image_grid_thw.prod(dim=-1) // self.visual.spatial_merge_unit).tolist()
-
-    def stand_in_image(self) -> dict:
-        """A blank image of one vision token: one 2x2 block of patches."""
-        vision, device = self.config.vision_config, self.device
-        patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
-        pixel_values = torch.zeros(self.visual.spatial_merge_unit, patch, device=device, dtype=self.visual.dtype)
-        merge = vision.spatial_merge_size
-        return {"pixel_values": pixel_values, "image_grid_thw": torch.tensor([[1, merge, merge]], device=device)}
 
 
 class VisionRememberQwen3VLForConditionalGeneration(

@@ -99,6 +99,15 @@ def _generation_prompt_ids(source: str) -> list[int] | None:
     return generation_prompt_ids(tokenizer)
 
 
+def _write_converted(model, original, source: str, output_dir: str, card):
+    """Write `model` with `original`'s weights, dtype and generation config, beside `source`'s other files and the
+    model card `card(model, source)`."""
+    _copy_weights(model, original.state_dict())
+    model.to(original.dtype)
+    model.generation_config = original.generation_config
+    write_checkpoint(output_dir, model, CarriedFiles(_local_folder(source)), {"README.md": card(model, source)})
+
+
 def _copy_weights(target: torch.nn.Module, state: dict):
     """Load `state` into `target`, refusing any key mismatch but the Vision Remember weights'."""
     missing, unexpected = target.load_state_dict(state, strict=False)
@@ -214,10 +223,7 @@ def graft(source: str, output_dir: str, *, overwrite: bool = False, seed: int = 
 
     torch.manual_seed(seed)
     model = backbone.head_class(config).eval()
-    _copy_weights(model, native.state_dict())
-    model.to(native.dtype)
-    model.generation_config = native.generation_config
-    write_checkpoint(output_dir, model, CarriedFiles(_local_folder(source)), {"README.md": _graft_card(model, source)})
+    _write_converted(model, native, source, output_dir, _graft_card)
     return output_dir
 
 
@@ -241,10 +247,7 @@ def strip_vision_remember(source: str, output_dir: str, *, overwrite: bool = Fal
     drop = backbone.config_class.graft_fields()
     config = backbone.native_config_class(**_config_arguments(grafted.config, drop))
     model = backbone.native_head_class(config).eval()
-    _copy_weights(model, grafted.state_dict())
-    model.to(grafted.dtype)
-    model.generation_config = grafted.generation_config
-    write_checkpoint(output_dir, model, CarriedFiles(_local_folder(source)), {"README.md": _strip_card(model, source)})
+    _write_converted(model, grafted, source, output_dir, _strip_card)
     return output_dir
 
 
