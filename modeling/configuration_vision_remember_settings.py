@@ -30,6 +30,7 @@ if release(transformers.__version__) < release(MINIMUM_TRANSFORMERS):
 
 INTERACTION_TYPES = ("local", "deformable", "global")
 FLASH_MAX_HEAD_DIM = 256  # FlashAttention's largest head_dim
+TRITON_WINDOWS = "vision_remember_triton"  # the attn_implementation that runs the windowed attention as one kernel
 
 
 @strict

@@ -30,7 +30,16 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 
 from .configuration_vision_remember_settings import VisionRememberSettings
-from .vision_remember_attention import AttentionSettings, attend, attend_images, attend_varlen, attend_windows, backend
+from .vision_remember_attention import (
+    AttentionSettings,
+    attend,
+    attend_images,
+    attend_varlen,
+    attend_windows,
+    backend,
+    normalize_levels,
+)
+from .vision_remember_triton import feature_statistics, runs_triton_windows, windowed_cross_attention
 
 
 NO_WINDOW = -1
@@ -199,13 +208,17 @@ class RememberContext:
     """Everything the Vision Remember blocks need in one forward pass, computed once and shared by all blocks.
 
     The cross-attention's keys: for `local` and `deformable` interaction each token's window of normalised features;
-    for `global` each image's normalised features, shared by all of its tokens."""
+    for `global` each image's normalised features, shared by all of its tokens; for the Triton kernel the raw features,
+    their statistics per level and each token's window of them, which the kernel gathers and normalises itself."""
 
     vision_remember: "VisionRemember"
     layout: TokenLayout
     windowed: torch.Tensor  # (N, 1): 1 for tokens with features to attend to, 0 for AnyRes newlines
     window_features: torch.Tensor | None = None  # (N, W, L * Dv)
     window_mask: torch.Tensor | None = None  # (N, W): True where the window has a feature
+    features: torch.Tensor | None = None  # (all images' features, L * Dv), raw, for the kernel
+    feature_statistics: torch.Tensor | None = None  # (all images' features, L, 2): each level's mean and 1 / std
+    window_index: torch.Tensor | None = None  # (N, W): rows of `features`, for the kernel
     image_features: torch.Tensor | None = None  # (all images' features, L * Dv), image after image
     tokens_per_image: list[int] | None = None
     features_per_image: list[int] | None = None
@@ -270,7 +283,11 @@ class TokenFeatureCrossAttention(nn.Module):
         queries = self.query_out(self.act(self.query_up(queries_in)))
         num_tokens = queries.shape[0]
         queries = queries.view(num_tokens, self.num_heads, self.head_dim)
-        if self.interaction == "global":
+        if context.feature_statistics is not None:
+            norms, scale = context.vision_remember.feature_norms, self.attention.scaling
+            layout = context.feature_statistics, context.window_index, context.window_mask
+            output = windowed_cross_attention(queries, context.features, norms, *layout, scale)
+        elif self.interaction == "global":
             features = context.image_features.view(-1, self.num_heads, self.head_dim)
             per_image = context.tokens_per_image, context.features_per_image, context.image_lengths
             output = attend_images(self.attention, queries, features, *per_image)
@@ -393,8 +410,8 @@ class VisionRemember(nn.Module):
             decoder_layers[index].register_forward_hook(partial(remember_after_layer, index), with_kwargs=True)
 
     def normalize_features(self, features: torch.Tensor) -> torch.Tensor:
-        levels = features.chunk(len(self.feature_norms), dim=-1)
-        return torch.cat([norm(level) for norm, level in zip(self.feature_norms, levels)], dim=-1)
+        norms = self.feature_norms
+        return normalize_levels(features, [norm.weight for norm in norms], [norm.bias for norm in norms], norms[0].eps)
 
     def gather_windows(self, features: torch.Tensor, window_index: torch.Tensor) -> torch.Tensor:
         """`(tokens, window, L * Dv)`: each window's normalised features (`window_index` without holes)."""
@@ -433,10 +450,15 @@ class VisionRemember(nn.Module):
         context = RememberContext(
             vision_remember=self, layout=layout, windowed=on_device["windowed"], stand_in=stand_in
         )
+        fused = runs_triton_windows(self.config, features)
         if self.config.interaction == "global":
             context.image_features = self.normalize_features(features)
             context.tokens_per_image, context.features_per_image = tokens_per_image, feature_counts
             context.image_lengths = on_device["token_lengths"], on_device["feature_lengths"]
+        elif fused:
+            context.window_mask, context.window_index = on_device["window_mask"], on_device["window_index"]
+            context.features, levels = features, len(self.feature_norms)
+            context.feature_statistics = feature_statistics(features, levels, self.feature_norms[0].eps)
         else:
             context.window_mask = on_device["window_mask"]
             context.window_features = self.gather_windows(features, on_device["window_index"])

@@ -8,13 +8,19 @@
 - `flash_attention_*`: FlashAttention's varlen kernels on packed tokens, without padding (window holes, samples with
   fewer vision tokens): the flash-attn package's through the interface where it is installed, else torch's own
   (`torch.nn.attention.varlen`). Where FlashAttention cannot run the inputs (not on CUDA, not half precision,
-  head_dim above 256) the blocks fall back to SDPA and say why once.
+  head_dim above 256) the blocks fall back to SDPA and say why once;
+- `vision_remember_triton`: SDPA everywhere (the name is registered with Transformers' attention and mask interfaces
+  as SDPA's), except the `local` windowed cross-attention, which runs as one Triton kernel
+  (`vision_remember_triton`) where Triton can run it, and falls back to SDPA, saying why once, where it cannot.
 """
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import pad_sequence
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 from transformers.utils import logging
@@ -24,7 +30,7 @@ from transformers.utils.import_utils import (
     is_flash_attn_4_available,
 )
 
-from .configuration_vision_remember_settings import FLASH_MAX_HEAD_DIM, VisionRememberSettings
+from .configuration_vision_remember_settings import FLASH_MAX_HEAD_DIM, TRITON_WINDOWS, VisionRememberSettings
 
 
 try:
@@ -40,6 +46,9 @@ FLASH_PACKAGES = {
     "flash_attention_3": is_flash_attn_3_available,
     "flash_attention_4": is_flash_attn_4_available,
 }
+# The rest of the model (decoder, vision tower) runs SDPA under the Triton kernel's name
+AttentionInterface.register(TRITON_WINDOWS, sdpa_attention_forward)
+AttentionMaskInterface.register(TRITON_WINDOWS, sdpa_mask)
 
 
 class AttentionSettings(nn.Module):
@@ -81,6 +90,8 @@ def backend(module: nn.Module, tensor: torch.Tensor) -> str:
     """The attention implementation for `module` on inputs like `tensor`: the model's, or SDPA where FlashAttention
     was asked for and cannot run them."""
     implementation = module.config._attn_implementation or "eager"
+    if implementation == TRITON_WINDOWS:  # the kernel is chosen where the windows are prepared
+        return "sdpa"
     if "flash" not in implementation:
         return implementation
     problems = flash_problems(module, tensor)
@@ -154,12 +165,25 @@ def attend_windows(module: nn.Module, query, window, window_mask=None) -> torch.
         else:
             keys, key_lengths = window[window_mask], window_mask.sum(1, dtype=torch.int32)
         return attend_varlen(module, query, keys, keys, torch.ones_like(key_lengths), key_lengths, 1, width)
-    keys = window.transpose(1, 2)
     if implementation == "eager":
+        keys = window.transpose(1, 2)
         return attend(module, query[:, :, None], keys, keys, window_mask)[:, 0]
+    return sdpa_windows(query, window, window_mask, module.scaling)
+
+
+def sdpa_windows(query, window, window_mask, scale: float) -> torch.Tensor:
+    """`attend_windows` as one SDPA call, its fastest form measured by `benchmarks/benchmark.py`."""
+    keys = window.transpose(1, 2)
     mask = None if window_mask is None else window_mask[:, None, None, :]
-    output = F.scaled_dot_product_attention(query[:, :, None], keys, keys, attn_mask=mask, scale=module.scaling)
-    return output[:, :, 0]
+    return F.scaled_dot_product_attention(query[:, :, None], keys, keys, attn_mask=mask, scale=scale)[:, :, 0]
+
+
+def normalize_levels(features: torch.Tensor, weights, biases, eps: float) -> torch.Tensor:
+    """Multi-level features `(..., L * Dv)`, each level through its own LayerNorm (`weights[l]`, `biases[l]`): the
+    cross-attention's keys."""
+    levels = features.chunk(len(weights), dim=-1)
+    normalized = [F.layer_norm(level, level.shape[-1:], w, b, eps) for level, w, b in zip(levels, weights, biases)]
+    return torch.cat(normalized, dim=-1)
 
 
 def attend_images(

@@ -1,9 +1,15 @@
+import os
 from contextlib import contextmanager
 
-import numpy as np
-import pytest
 import torch
-from PIL import Image
+
+
+if not torch.cuda.is_available():  # Triton kernels run on CPU tensors, interpreted (read when a kernel is defined)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from vr_hf import VisionRememberForConditionalGeneration
 from vr_hf.modeling.vision_remember import OutputProjection

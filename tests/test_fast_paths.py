@@ -7,10 +7,12 @@ import torch
 from torch.nn import functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from vr_hf.modeling import vision_remember, vision_remember_attention
+from vr_hf.modeling import vision_remember, vision_remember_attention, vision_remember_triton
+from vr_hf.modeling.configuration_vision_remember_settings import TRITON_WINDOWS
 from vr_hf.modeling.image_layout import ImageLayout, image_windows
 from vr_hf.modeling.vision_remember import OutputProjection, TokenLayout, VisionRemember
 from vr_hf.modeling.vision_remember_attention import AttentionSettings, attend_windows
+from vr_hf.modeling.vision_remember_triton import WindowedCrossAttention, feature_statistics, reference
 from vr_hf.tiny import tiny_config
 
 from conftest import active_model
@@ -30,6 +32,10 @@ MISSING_FOR_FLASH = [
 ]
 FLASH_ATTN = pytest.mark.skipif(bool(MISSING_FOR_FLASH), reason="needs " + " and ".join(MISSING_FOR_FLASH))
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+# The Triton kernel: on a GPU compiled, on the CPU interpreted (conftest sets TRITON_INTERPRET=1 there)
+TRITON = pytest.param(
+    TRITON_WINDOWS, marks=pytest.mark.skipif(vision_remember_triton.triton is None, reason="needs triton")
+)
 TOLERANCES = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=2e-2)}
 STAND_IN = "flash_varlen_stand_in"  # FlashAttention through Transformers' attention interface, stood in for
 TORCH_VARLEN = "flash_attention_2"  # without the flash-attn package: torch's own varlen kernels, stood in for
@@ -146,7 +152,7 @@ def context_inputs(module: VisionRemember, dtype, device="cpu"):
     "downsample_factor, interaction",
     [(3, "local"), (5, "local"), (3, "global"), (5, "deformable")],
 )
-@pytest.mark.parametrize("implementation", ["sdpa", STAND_IN, TORCH_VARLEN])
+@pytest.mark.parametrize("implementation", ["sdpa", STAND_IN, TORCH_VARLEN, TRITON])
 def test_blocks_equal_reference(downsample_factor, interaction, implementation, dtype, stand_in_flash):
     """Both sub-layers of every block, on real windows: the packed and SDPA paths against eager."""
     reference = blocks(downsample_factor, interaction, "eager", dtype)
@@ -159,21 +165,100 @@ def test_blocks_equal_reference(downsample_factor, interaction, implementation, 
 
     with torch.no_grad():
         expected = reference.layers["0"](hidden_states, context)
-        output = fast.layers["0"](hidden_states, fast.prepare(*inputs))
+        fast_context = fast.prepare(*inputs)
+        output = fast.layers["0"](hidden_states, fast_context)
+    fused = implementation == TRITON_WINDOWS and interaction == "local"
+    assert (fast_context.feature_statistics is not None) == fused, "the kernel runs where, and only where, asked"
     torch.testing.assert_close(output, expected, **TOLERANCES[dtype])
 
 
 def test_blocks_gradients_equal_reference(stand_in_flash):
     reference = blocks(3, "local", "eager", torch.float32)
     inputs, hidden_states = context_inputs(reference, torch.float32)
+    fast = ["sdpa", STAND_IN, TORCH_VARLEN] + [TRITON_WINDOWS] * (vision_remember_triton.triton is not None)
     gradients = {}
-    for implementation in ("eager", "sdpa", STAND_IN, TORCH_VARLEN):
+    for implementation in ("eager", *fast):
         module = blocks(3, "local", implementation, torch.float32)
         module.layers["0"](hidden_states, module.prepare(*inputs)).square().mean().backward()
         gradients[implementation] = {name: parameter.grad for name, parameter in module.named_parameters()}
-    for implementation in ("sdpa", STAND_IN, TORCH_VARLEN):
+    for implementation in fast:
         for name, gradient in gradients["eager"].items():
             torch.testing.assert_close(gradients[implementation][name], gradient, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def random_features(num_tokens, width, heads, head_dim, levels, dtype, device, seed):
+    """A window layout over features of `levels` levels (a head's channels may span two), with holes and one token
+    (the third) with no window at all, as `prepare` leaves an AnyRes newline: only its first slot, masked in."""
+    generator = torch.Generator().manual_seed(seed)
+    width_of_features = heads * head_dim
+    num_rows = 3 * num_tokens
+    features = torch.randn(num_rows, width_of_features, generator=generator) * 3 + 1
+    weight, bias = torch.randn(2, width_of_features, generator=generator)
+    query = torch.randn(num_tokens, heads, head_dim, generator=generator)
+    window_index = torch.randint(0, num_rows, (num_tokens, width), generator=generator)
+    window_mask = torch.rand(num_tokens, width, generator=generator) > 0.3
+    window_mask[:, 0] = True
+    window_mask[2, 1:] = False
+    to = dict(dtype=dtype, device=device)
+    floats = [tensor.to(**to) for tensor in (query, features, weight, bias)]
+    return floats, window_index.to(device), window_mask.to(device), width_of_features // levels
+
+
+@pytest.mark.skipif(vision_remember_triton.triton is None, reason="needs triton")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(7, 9, 4, 12, 3), (5, 4, 4, 16, 2), (6, 16, 3, 8, 2), (3, 25, 1, 20, 4)])
+def test_triton_kernel_equals_reference(shape, dtype, device):
+    """The kernel against the reference in float64 (gather, LayerNorm per level, softmax attention): odd windows and
+    head dims, heads within one level and across level borders, holes, a token without a window; every output
+    written."""
+    num_tokens, width, heads, head_dim, levels = shape
+    (query, features, weight, bias), window_index, window_mask, level_size = random_features(
+        *shape[:4], levels, dtype, device, seed=width
+    )
+    statistics = feature_statistics(features, levels, 1e-5)
+    scale = head_dim**-0.5
+    output = vision_remember_triton.launch(
+        query, features, weight, bias, statistics, window_index, window_mask, level_size, scale
+    )
+    doubles = [tensor.double() for tensor in (query, features, weight, bias)]
+    expected = reference(*doubles, window_index, window_mask, level_size, 1e-5, scale)
+    assert output.shape == query.shape and output.dtype == dtype and output.isfinite().all()
+    error = (output.double() - expected).norm() / expected.norm()
+    assert error < (1e-6 if dtype == torch.float32 else 1e-2), error
+
+
+@pytest.mark.skipif(vision_remember_triton.triton is None, reason="needs triton")
+def test_triton_kernel_gradients_equal_reference():
+    (query, features, weight, bias), window_index, window_mask, level_size = random_features(
+        5, 9, 3, 8, 2, torch.float32, "cpu", seed=0
+    )
+    inputs = [tensor.requires_grad_() for tensor in (query, features, weight, bias)]
+    statistics = feature_statistics(features.detach(), 2, 1e-5)
+    settings = level_size, 1e-5, 8**-0.5
+    output = WindowedCrossAttention.apply(*inputs, statistics, window_index, window_mask, *settings)
+    upstream = torch.randn_like(output)
+    fused = torch.autograd.grad(output, inputs, upstream)
+    expected = torch.autograd.grad(reference(*inputs, window_index, window_mask, *settings), inputs, upstream)
+    for name, gradient, reference_gradient in zip(("query", "features", "weight", "bias"), fused, expected):
+        torch.testing.assert_close(gradient, reference_gradient, msg=name)
+
+
+def test_triton_falls_back_to_sdpa_and_says_why(monkeypatch):
+    """The kernel asked for where it cannot run: outside the interpreter on the CPU, without Triton, for
+    interactions without fixed windows. SDPA runs, and a message says why."""
+    messages = []
+    monkeypatch.setattr(vision_remember_triton.logger, "warning_once", messages.append)
+    inputs, _ = context_inputs(blocks(3, "local", TRITON_WINDOWS, torch.float32), torch.float32)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert blocks(3, "local", TRITON_WINDOWS, torch.float32).prepare(*inputs).feature_statistics is None
+    monkeypatch.setattr(vision_remember_triton, "triton", None)
+    blocks(3, "local", TRITON_WINDOWS, torch.float32).prepare(*inputs)
+    blocks(3, "global", TRITON_WINDOWS, torch.float32).prepare(*inputs)
+    assert len(messages) == 3 and all("Vision Remember runs on SDPA" in message for message in messages)
+    assert "CUDA devices (or CPU tensors under TRITON_INTERPRET=1), not cpu" in messages[0]
+    assert "Triton is not installed" in messages[1]
+    assert "Triton is not installed" in messages[2] and "interaction='global' has no fixed windows" in messages[2]
 
 
 def test_flash_falls_back_to_sdpa_and_says_why(monkeypatch):
@@ -247,18 +332,20 @@ def test_prepare_and_blocks_never_wait_on_the_device(interaction):
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.parametrize("interaction", ["local", "global"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_whole_model_attention_implementations_agree(device):
-    """The tiny model's logits in bf16 with Vision Remember on SDPA and, on a GPU, on FlashAttention (its package or
-    torch's varlen kernels), against eager; the decoder and the tower keep their own implementation."""
+def test_whole_model_attention_implementations_agree(device, interaction):
+    """The tiny model's logits in bf16 with Vision Remember on SDPA, the Triton kernel and, on a GPU, FlashAttention
+    (its package or torch's varlen kernels), against eager; the decoder and the tower keep their own implementation."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = active_model(interaction="global", image_grid_pinpoints=None).to(device, dtype)
+    model = active_model(interaction=interaction, image_grid_pinpoints=None).to(device, dtype)
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.full((1, 40), 5)
     input_ids[0, 4:20] = model.config.image_token_id
     inputs = dict(input_ids=input_ids.to(device), pixel_values=torch.randn(1, 3, 36, 36, generator=generator))
     inputs["pixel_values"] = inputs["pixel_values"].to(device, dtype)
     flash = ["flash_attention_2"] if device == "cuda" and not MISSING_FOR_FLASH else []
+    flash += [TRITON_WINDOWS] if vision_remember_triton.triton is not None and interaction == "local" else []
     logits = {}
     for implementation in ["eager", "sdpa", *flash]:
         model.config._attn_implementation = {"": implementation}  # the Vision Remember blocks' alone (a string would

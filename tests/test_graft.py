@@ -110,6 +110,7 @@ def test_graft_keeps_weights_and_adds_its_own(checkpoints, name):
     assert (checkpoints["grafted"][name] / "tokenizer.json").is_file()
     shared = {"configuration_vision_remember_settings", "configuration_vision_remember_graft"}
     shared |= {"modeling_vision_remember_base", "conversation_turns", "vision_remember", "vision_remember_attention"}
+    shared |= {"vision_remember_triton"}
     own = {f"configuration_vision_remember_{name}", f"modeling_vision_remember_{name}"}
     assert {path.stem for path in checkpoints["grafted"][name].glob("*.py")} == shared | own
 
