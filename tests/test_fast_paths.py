@@ -7,6 +7,7 @@ import torch
 from torch.nn import functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from vr_hf import VisionRememberForConditionalGeneration
 from vr_hf.modeling import vision_remember, vision_remember_attention, vision_remember_triton
 from vr_hf.modeling.configuration_vision_remember_settings import TRITON_WINDOWS
 from vr_hf.modeling.image_layout import ImageLayout, image_windows
@@ -355,3 +356,24 @@ def test_whole_model_attention_implementations_agree(device, interaction):
     assert set(logits) == {"eager", "sdpa", *flash}
     for implementation, values in logits.items():
         torch.testing.assert_close(values, logits["eager"], **TOLERANCES[dtype], msg=implementation)
+
+
+@pytest.mark.skipif(vision_remember_triton.triton is None, reason="needs triton")
+def test_triton_loads_as_any_attn_implementation(tmp_path):
+    """`from_pretrained(..., attn_implementation="vision_remember_triton")`: the whole model takes the name (its
+    decoder and tower run SDPA under it), the blocks run the kernel, and the logits are eager's."""
+    active_model(image_grid_pinpoints=None).save_pretrained(tmp_path)
+    model = VisionRememberForConditionalGeneration.from_pretrained(tmp_path, attn_implementation=TRITON_WINDOWS)
+    assert model.config.text_config._attn_implementation == TRITON_WINDOWS
+    input_ids = torch.full((1, 40), 5)
+    input_ids[0, 4:20] = model.config.image_token_id
+    inputs = dict(input_ids=input_ids, pixel_values=torch.randn(1, 3, 36, 36), prompt_mask=input_ids > 0)
+    launches = []
+    launch = vision_remember_triton.launch
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(vision_remember_triton, "launch", lambda *args: launches.append(1) or launch(*args))
+        logits = model(**inputs).logits
+        model.set_attn_implementation("eager")
+        expected = model(**inputs).logits
+    assert len(launches) == len(model.config.remember_after_layers)
+    torch.testing.assert_close(logits, expected, **TOLERANCES[torch.float32])
