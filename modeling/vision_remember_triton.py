@@ -26,6 +26,9 @@ except ImportError:
     triton = None
 
 
+logger = logging.get_logger(__name__)
+
+
 def triton_problems(tensor: torch.Tensor) -> list[str]:
     """Why the kernel cannot run on tensors like `tensor`; empty when it can."""
     if triton is None:
@@ -33,9 +36,6 @@ def triton_problems(tensor: torch.Tensor) -> list[str]:
     if tensor.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return [f"it runs on CUDA devices (or CPU tensors under TRITON_INTERPRET=1), not {tensor.device.type}"]
     return []
-
-
-logger = logging.get_logger(__name__)
 
 
 def runs_triton_windows(config, tensor: torch.Tensor) -> bool:
