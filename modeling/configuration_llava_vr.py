@@ -12,7 +12,8 @@ from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
 
-PROJECTOR_TYPES = ("avg_pool", "pixel_shuffle", "perceiver", "ldpv2")
+PROJECTOR_TYPES = ("avg_pool", "pixel_shuffle", "perceiver", "ldpv2", "tokenpacker")
+REFUSION_TYPES = ("vision_remember", "deepstack", "sva")
 # Qwen2's `<|im_start|>assistant\n`: the generation prompt of the ChatML template the default tokenizer uses.
 QWEN2_GENERATION_PROMPT_IDS = [151644, 77091, 198]
 
@@ -36,8 +37,10 @@ class VisionRememberConfig(VisionRememberSettings):
         image_token_id (`int`, *optional*, defaults to 151655):
             Id of the placeholder token that vision tokens replace (Qwen2-VL's `<|image_pad|>`).
         projector_type (`str`, *optional*, defaults to `"avg_pool"`):
-            One of `"avg_pool"`, `"pixel_shuffle"`, `"perceiver"`, `"ldpv2"`. The Perceiver resampler's tokens are
-            learned queries over the whole image, with no patch window of their own: it needs `interaction="global"`.
+            One of `"avg_pool"`, `"pixel_shuffle"`, `"perceiver"`, `"ldpv2"`, `"tokenpacker"`. The Perceiver
+            resampler's tokens are learned queries over the whole image, with no patch window of their own: it needs
+            `interaction="global"`. TokenPacker's point queries cross-attend to their window of the multi-level
+            features (`vision_feature_layers`, the last of them downsampled to the points).
         downsample_factor (`int`, *optional*, defaults to 3):
             Side `s` of the patch window each vision token summarises: compression ratio `1/s**2` (2, 3, 4 give the
             paper's 1/4, 1/9, 1/16).
@@ -55,6 +58,14 @@ class VisionRememberConfig(VisionRememberSettings):
         vision_feature_layers (`list[int]`, *optional*, defaults to `[7, 15, 23]` for a 24-layer tower):
             Vision tower `hidden_states` concatenated into the multi-level features; the default is the ends of the
             tower's thirds.
+        refusion (`str`, *optional*, defaults to `"vision_remember"`):
+            What the blocks after `remember_after_layers` are: Vision Remember's (`"vision_remember"`), or a re-fusion
+            method the paper compares it with, reading the same windows of the same multi-level features:
+            `"deepstack"`, Qwen3-VL's DeepStack (each level's windows stacked and merged by an MLP of its own, added
+            to the vision tokens; the levels are spread over the blocks in equal shares), or `"sva"`, Cambrian-1's
+            Spatial Vision Aggregator (the vision tokens cross-attend to their windows of every level through key and
+            value projections of each level's own, with `self_attention_heads` heads). Both need
+            `interaction="local"`; `bidirectional` and `text_guidance` are Vision Remember's only.
         generation_prompt_ids (`list[int]`, *optional*, defaults to Qwen2's `<|im_start|>assistant\n`):
             See [`VisionRememberSettings`].
 
@@ -104,6 +115,7 @@ class VisionRememberConfig(VisionRememberSettings):
     perceiver_num_layers: int = 2
     image_grid_pinpoints: list | None = None
     use_vision_remember: bool = True
+    refusion: str = "vision_remember"
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
@@ -117,6 +129,13 @@ class VisionRememberConfig(VisionRememberSettings):
             "AutoModel": "modeling_llava_vr.VisionRememberModel",
             "AutoModelForImageTextToText": "modeling_llava_vr.VisionRememberForConditionalGeneration",
         }
+
+    @property
+    def projector_feature_layers(self) -> list[int]:
+        """The vision hidden states the projector reads, concatenated on the channels."""
+        if self.projector_type == "tokenpacker":
+            return self.vision_feature_layers
+        return [self.projector_feature_layer]
 
     @property
     def max_vision_feature_layer(self) -> int:
@@ -146,6 +165,10 @@ class VisionRememberConfig(VisionRememberSettings):
                 "the Perceiver resampler's tokens are learned queries over the whole image, not any patch window of "
                 "it: use interaction='global' (each token attends to its whole image)."
             )
+        if self.refusion not in REFUSION_TYPES:
+            raise ValueError(f"refusion={self.refusion!r} is unknown: use one of {REFUSION_TYPES}.")
+        if self.use_vision_remember and self.refusion != "vision_remember":
+            self.check_rival_refusion()
         if self.downsample_factor < 1 or self.grid_size % self.downsample_factor:
             raise ValueError(
                 f"downsample_factor={self.downsample_factor} does not tile the {self.grid_size}x{self.grid_size} "
@@ -154,7 +177,7 @@ class VisionRememberConfig(VisionRememberSettings):
             )
         num_vision_states = self.vision_config.num_hidden_layers + 1
         indices = {"projector_feature_layer": [self.projector_feature_layer]}
-        if self.use_vision_remember:
+        if self.use_vision_remember or self.projector_type == "tokenpacker":
             indices["vision_feature_layers"] = self.vision_feature_layers
         for name, values in indices.items():
             for index in values:
@@ -164,6 +187,22 @@ class VisionRememberConfig(VisionRememberSettings):
                         f"states (embeddings + {num_vision_states - 1} layers): use indices in "
                         f"[{-num_vision_states}, {num_vision_states - 1}]."
                     )
+
+    def check_rival_refusion(self):
+        """Part of `validate_llava_vr` (`@strict` runs every method named `validate_*` on every config)."""
+        if self.interaction != "local":
+            raise ValueError(
+                f"refusion={self.refusion!r} reads each vision token's window of features, which "
+                f"interaction={self.interaction!r} does not give it: use interaction='local'."
+            )
+        levels, blocks = len(self.remember_feature_layers), len(self.remember_after_layers)
+        if self.refusion == "deepstack" and levels % blocks:
+            raise ValueError(
+                f"refusion='deepstack' spreads the {levels} feature levels over the blocks after "
+                f"remember_after_layers={self.remember_after_layers} in equal shares, and {blocks} blocks do not "
+                f"divide them: list as many layers as levels (Qwen3-VL's one level per layer), or a divisor of "
+                f"{levels}."
+            )
 
 
 __all__ = ["VisionRememberConfig"]

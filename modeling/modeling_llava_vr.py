@@ -19,6 +19,7 @@ from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_llava_vr import VisionRememberConfig
+from .deepstack import DeepStackLayer
 from .image_layout import ImageLayout, image_windows
 from .modeling_vision_remember_base import (
     RememberImageOutputs,
@@ -28,6 +29,11 @@ from .modeling_vision_remember_base import (
     placeholder_mask,
 )
 from .projectors import PerceiverProjector, build_projector
+from .spatial_vision_aggregator import SpatialVisionAggregator
+from .vision_remember import VisionRememberLayer
+
+
+REFUSION_BLOCKS = {"vision_remember": VisionRememberLayer, "deepstack": DeepStackLayer, "sva": SpatialVisionAggregator}
 
 
 @dataclass
@@ -150,7 +156,7 @@ class EfficientLlavaModel(VisionRememberPreTrainedModel):
         tower_arguments = {} if output_attentions is None else {"output_attentions": output_attentions}
         outputs = self.vision_tower(views, output_hidden_states=True, **tower_arguments)
         hidden_states = outputs.hidden_states
-        tokens = self.multi_modal_projector(self.select_features(hidden_states, [self.config.projector_feature_layer]))
+        tokens = self.multi_modal_projector(self.select_features(hidden_states, self.config.projector_feature_layers))
         # The tower's own outputs (after its final norm and pooling head) are not what LLaVA reads: a zero share of
         # them gives those weights a gradient too, so that every trainable parameter has one on every step.
         unread = [getattr(outputs, name, None) for name in ("last_hidden_state", "pooler_output")]
@@ -228,7 +234,7 @@ class VisionRememberModel(VisionRememberModelMixin, EfficientLlavaModel):
         super().__init__(config)
         self.vision_remember = None
         if config.use_vision_remember:
-            self.attach_vision_remember()
+            self.attach_vision_remember(REFUSION_BLOCKS[config.refusion])
         self.post_init()
 
 

@@ -26,7 +26,13 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, logging
 
 from .conversation_turns import PromptTurns
-from .vision_remember import TokenLayout, VisionRemember, fork_rng_on, init_vision_remember_weights
+from .vision_remember import (
+    TokenLayout,
+    VisionRemember,
+    VisionRememberLayer,
+    fork_rng_on,
+    init_vision_remember_weights,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -181,11 +187,11 @@ class VisionRememberModelMixin(VisionRememberPreTrainedMixin):
 
     caller_labels = None  # the head's `labels` when a trainer calls this module without them
 
-    def attach_vision_remember(self):
+    def attach_vision_remember(self, block: type[nn.Module] = VisionRememberLayer):
         """Call in `__init__`, after the decoder is built, before `post_init`. Building the blocks draws nothing from
         the global random stream."""
         with fork_rng_on(torch.get_default_device()):
-            self.vision_remember = VisionRemember(self.config)
+            self.vision_remember = VisionRemember(self.config, block)
         self.vision_remember.attach(self.language_model.layers)
 
     def forward(

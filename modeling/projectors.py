@@ -1,8 +1,9 @@
 """Efficient projectors: `(views, g*g, Dv)` vision features to `(views, n*n, Dt)` tokens, `n = g / s`, row-major.
 
-Pooling, PixelShuffle and LDPv2 token `(i, j)` summarises the `s x s` patch window `[i*s:(i+1)*s, j*s:(j+1)*s]` by
-construction. The Perceiver resampler's `n*n` tokens are learned queries, each attending to every patch of the view:
-none has a window of its own, so Vision Remember gives them the whole image (`interaction="global"`).
+Pooling, PixelShuffle, LDPv2 and TokenPacker token `(i, j)` summarises the `s x s` patch window
+`[i*s:(i+1)*s, j*s:(j+1)*s]` by construction; TokenPacker reads the multi-level features, `(views, g*g, L * Dv)`.
+The Perceiver resampler's `n*n` tokens are learned queries, each attending to every patch of the view: none has a
+window of its own, so Vision Remember gives them the whole image (`interaction="global"`).
 """
 
 import torch
@@ -11,7 +12,8 @@ from torch.nn import functional as F
 from transformers.activations import ACT2FN
 
 from .configuration_llava_vr import VisionRememberConfig
-from .vision_remember import AttentionSettings, attend
+from .vision_remember import AttentionSettings, attend, block_windows
+from .vision_remember_attention import attend_windows
 
 
 class ProjectorMLP(nn.Module):
@@ -128,11 +130,47 @@ class PerceiverProjector(nn.Module):
         return self.norm(latents)
 
 
+class TokenPackerProjector(nn.Module):
+    """TokenPacker's point-to-region projector: each token's point query is the last level's features bilinearly
+    downsampled to the token grid; it cross-attends to its `s x s` region of the multi-level features (projected to
+    keys and values, with the tower's heads), adds the result to itself, and an MLP takes it to the decoder."""
+
+    def __init__(self, config: VisionRememberConfig):
+        super().__init__()
+        vision_size, levels = config.vision_config.hidden_size, len(config.vision_feature_layers)
+        self.stride = config.downsample_factor
+        self.num_heads = config.vision_config.num_attention_heads
+        self.head_dim = vision_size // self.num_heads
+        self.q_proj = nn.Linear(vision_size, vision_size)
+        self.k_proj = nn.Linear(levels * vision_size, vision_size)
+        self.v_proj = nn.Linear(levels * vision_size, vision_size)
+        self.q_norm, self.k_norm, self.v_norm = (nn.LayerNorm(vision_size) for _ in range(3))
+        self.o_proj = nn.Linear(vision_size, vision_size)
+        self.mlp = ProjectorMLP(config, vision_size)
+        self.attention = AttentionSettings(config, self.head_dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        views, patches, channels = features.shape
+        side = int(patches**0.5)
+        last_level = features[..., channels - self.q_proj.in_features :]
+        points = F.interpolate(to_grid(last_level), scale_factor=1 / self.stride, mode="bilinear")
+        points = from_grid(points).flatten(0, 1)  # (tokens, Dv), view after view
+        regions = features[:, block_windows(side, side, self.stride).to(features.device)].flatten(0, 1)
+        heads = (self.num_heads, self.head_dim)
+        queries = self.q_norm(self.q_proj(points)).unflatten(-1, heads)
+        keys = self.k_norm(self.k_proj(regions)).unflatten(-1, heads)
+        values = self.v_norm(self.v_proj(regions)).unflatten(-1, heads)
+        output = attend_windows(self.attention, queries, keys, values=values)
+        packed = points + self.o_proj(output.flatten(1))
+        return self.mlp(packed).unflatten(0, (views, -1))
+
+
 PROJECTORS = {
     "avg_pool": AvgPoolProjector,
     "pixel_shuffle": PixelShuffleProjector,
     "perceiver": PerceiverProjector,
     "ldpv2": LDPv2Projector,
+    "tokenpacker": TokenPackerProjector,
 }
 
 

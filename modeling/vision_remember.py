@@ -363,9 +363,16 @@ class TokenBidirectionalSelfAttention(nn.Module):
 
 
 class VisionRememberLayer(nn.Module):
-    """The two residual sub-layers that run after one decoder layer."""
+    """The two residual sub-layers that run after one decoder layer.
 
-    def __init__(self, config: VisionRememberSettings):
+    A block of `VisionRemember` is built as `block(config, position)`, `position` its place among the blocks, and
+    says what its context must hold: whether it reads the text-guided token (`text_guided(config)`), and whether its
+    windowed cross-attention can run as the Triton kernel (`runs_kernel`), which reads raw features in place of
+    gathered windows."""
+
+    runs_kernel = True
+
+    def __init__(self, config: VisionRememberSettings, position: int = 0):
         super().__init__()
         self.cross_attention = TokenFeatureCrossAttention(config)
         self.self_attention = TokenBidirectionalSelfAttention(config) if config.bidirectional else None
@@ -376,18 +383,25 @@ class VisionRememberLayer(nn.Module):
             hidden_states = self.self_attention(hidden_states, context)
         return hidden_states
 
+    @staticmethod
+    def text_guided(config: VisionRememberSettings) -> bool:
+        return config.text_guidance and config.bidirectional
+
 
 class VisionRemember(nn.Module):
-    """All Vision Remember blocks of a model, keyed by the decoder layer they follow."""
+    """All Vision Remember blocks of a model, keyed by the decoder layer they follow, and the LayerNorm of each
+    feature level that they share. The blocks are `VisionRememberLayer`s, or another block that reads the same context
+    (the re-fusion methods LLaVA-VR compares with: `deepstack`, `spatial_vision_aggregator`)."""
 
-    def __init__(self, config: VisionRememberSettings):
+    def __init__(self, config: VisionRememberSettings, block: type[nn.Module] = VisionRememberLayer):
         super().__init__()
         self.config = config
-        self.text_guidance = config.text_guidance and config.bidirectional
+        self.text_guidance = block.text_guided(config)
+        self.runs_kernel = block.runs_kernel
         num_levels = len(config.remember_feature_layers)
         self.feature_norms = nn.ModuleList(nn.LayerNorm(config.vision_config.hidden_size) for _ in range(num_levels))
         self.layers = nn.ModuleDict(
-            {str(index): VisionRememberLayer(config) for index in config.remember_after_layers}
+            {str(index): block(config, position) for position, index in enumerate(config.remember_after_layers)}
         )
 
     @contextmanager
@@ -450,7 +464,7 @@ class VisionRemember(nn.Module):
         context = RememberContext(
             vision_remember=self, layout=layout, windowed=on_device["windowed"], stand_in=stand_in
         )
-        fused = runs_triton_windows(self.config, features)
+        fused = self.runs_kernel and runs_triton_windows(self.config, features)
         if self.config.interaction == "global":
             context.image_features = self.normalize_features(features)
             context.tokens_per_image, context.features_per_image = tokens_per_image, feature_counts

@@ -151,31 +151,36 @@ def attend_varlen(module: nn.Module, query, key, value, query_lengths, key_lengt
     return output[0]
 
 
-def attend_windows(module: nn.Module, query, window, window_mask=None) -> torch.Tensor:
-    """Each token's one query against its window, whose features are keys and values.
+def attend_windows(module: nn.Module, query, window, window_mask=None, values=None) -> torch.Tensor:
+    """Each token's one query against its window: `window` holds the keys, and the values too unless `values` (of
+    the same shape) are given.
 
     `query`: `(tokens, heads, head_dim)`; `window`: `(tokens, window, heads, head_dim)`; `window_mask`:
     `(tokens, window)`, True where there is a feature. Returns `(tokens, heads, head_dim)`.
     """
     implementation = backend(module, query)
+    values = window if values is None else values
     num_tokens, width = window.shape[:2]
     if "flash" in implementation:
         if window_mask is None:
-            keys, key_lengths = window.flatten(0, 1), window.new_full((num_tokens,), width, dtype=torch.int32)
+            keys, packed_values = window.flatten(0, 1), values.flatten(0, 1)
+            key_lengths = window.new_full((num_tokens,), width, dtype=torch.int32)
         else:
-            keys, key_lengths = window[window_mask], window_mask.sum(1, dtype=torch.int32)
-        return attend_varlen(module, query, keys, keys, torch.ones_like(key_lengths), key_lengths, 1, width)
+            keys, packed_values = window[window_mask], values[window_mask]
+            key_lengths = window_mask.sum(1, dtype=torch.int32)
+        lengths = torch.ones_like(key_lengths), key_lengths, 1, width
+        return attend_varlen(module, query, keys, packed_values, *lengths)
     if implementation == "eager":
-        keys = window.transpose(1, 2)
-        return attend(module, query[:, :, None], keys, keys, window_mask)[:, 0]
-    return sdpa_windows(query, window, window_mask, module.scaling)
+        return attend(module, query[:, :, None], window.transpose(1, 2), values.transpose(1, 2), window_mask)[:, 0]
+    return sdpa_windows(query, window, window_mask, module.scaling, values)
 
 
-def sdpa_windows(query, window, window_mask, scale: float) -> torch.Tensor:
+def sdpa_windows(query, window, window_mask, scale: float, values=None) -> torch.Tensor:
     """`attend_windows` as one SDPA call, its fastest form measured by `benchmarks/benchmark.py`."""
     keys = window.transpose(1, 2)
+    values = keys if values is None else values.transpose(1, 2)
     mask = None if window_mask is None else window_mask[:, None, None, :]
-    return F.scaled_dot_product_attention(query[:, :, None], keys, keys, attn_mask=mask, scale=scale)[:, :, 0]
+    return F.scaled_dot_product_attention(query[:, :, None], keys, values, attn_mask=mask, scale=scale)[:, :, 0]
 
 
 def normalize_levels(features: torch.Tensor, weights, biases, eps: float) -> torch.Tensor:

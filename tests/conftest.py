@@ -36,10 +36,10 @@ def build_model(seed: int = 0, **config_overrides) -> VisionRememberForCondition
 
 
 def active_model(seed: int = 0, **config_overrides) -> VisionRememberForConditionalGeneration:
-    """A model whose Vision Remember blocks change the logits clearly, as a trained one's do."""
+    """A model whose Vision Remember blocks (if it has them) change the logits clearly, as a trained one's do."""
     model = build_model(seed, identity_init=False, **config_overrides)
     with torch.no_grad():
-        for module in model.model.vision_remember.modules():
+        for module in model.model.modules():
             if isinstance(module, OutputProjection):
                 module.weight.normal_(std=0.5)
     return model

@@ -40,6 +40,8 @@ REMOTE_CODE_FILES = [
     "vision_remember_attention.py",
     "vision_remember_triton.py",
     "conversation_turns.py",
+    "deepstack.py",
+    "spatial_vision_aggregator.py",
     "projectors.py",
     "image_layout.py",
     "processing_llava_vr.py",
