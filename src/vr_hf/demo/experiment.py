@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from transformers import Trainer, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainingArguments
 
 from .tasks import Sample
 
@@ -63,7 +63,11 @@ def collate(pad_token_id: int):
     return collate_batch
 
 
-def train(model, dataset: AnswerDataset, settings: RunSettings, output_dir: str, pad_token_id: int, callbacks=None):
+def train(
+    model, dataset: AnswerDataset, settings: RunSettings, output_dir: str, pad_token_id: int, callbacks=None
+) -> list[list[float]]:
+    """Train `model` in place and leave it in eval mode; return its training curve, `[step, loss]` twenty times over
+    the schedule (each the mean loss since the previous one)."""
     arguments = TrainingArguments(
         output_dir=output_dir,
         max_steps=settings.steps,
@@ -72,7 +76,7 @@ def train(model, dataset: AnswerDataset, settings: RunSettings, output_dir: str,
         lr_scheduler_type="cosine",
         warmup_steps=settings.steps // 10,
         weight_decay=0.0,
-        logging_strategy="no",
+        logging_steps=max(settings.steps // 20, 1),
         save_strategy="no",
         report_to=[],
         use_cpu=True,
@@ -88,8 +92,10 @@ def train(model, dataset: AnswerDataset, settings: RunSettings, output_dir: str,
         data_collator=collate(pad_token_id),
         callbacks=callbacks or [],
     )
+    trainer.remove_callback(PrinterCallback)  # the curve is returned, not printed
     trainer.train()
-    return model.eval()
+    model.eval()
+    return [[entry["step"], entry["loss"]] for entry in trainer.state.log_history if "loss" in entry]
 
 
 @torch.no_grad()

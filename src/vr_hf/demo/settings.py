@@ -18,6 +18,7 @@ class Settings:
     train_size: int = 4000
     test_size: int = 400
     tower_steps: int = 400
+    warm_start_steps: int = 0  # per seed, steps of the uncompressed model every compared model starts from
     workers: int = 2
     decoder: str = "tiny"
     output_dir: str = "outputs/vr-hf"

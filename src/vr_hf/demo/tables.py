@@ -4,6 +4,9 @@
 - `2` (on the graded `word` task by default, as is `5`): the paper's Table 2 in miniature: ratios 1/4, 1/9 and
   1/16, each baseline vs Vision Remember, and the uncompressed ceiling (ratio 1/1) that tells how much each ratio
   loses.
+- `3`: the paper's Table 3 in miniature, at 1/9: Vision Remember against the re-fusion methods DeepStack (as Qwen3-VL
+  runs it) and Cambrian-1's Spatial Vision Aggregator, each in Vision Remember's place after decoder layer 0, reading
+  the same multi-level features (`refusion`).
 - `5`: the paper's Table 5a-b in miniature, at 1/9: which parts matter (local attention, + multi-level features,
   + bidirectional self-attention, + text guidance) and which interaction (local, deformable, global). Its 5c, the
   insertion layers, needs a deeper decoder than the tiny one: with two layers, only blocks after the first can change
@@ -47,6 +50,8 @@ VARIANTS = {
     "+ bidirectional": dict(text_guidance=False),
     "deformable": dict(interaction="deformable"),
     "global": dict(interaction="global"),
+    "deepstack": dict(refusion="deepstack"),
+    "sva": dict(refusion="sva"),
 }
 CEILING = Model(1)
 
@@ -86,6 +91,12 @@ def table_2() -> Table:
     return Table("table2", "Table 2 in miniature: compression ratios", {"": rows})
 
 
+def table_3() -> Table:
+    methods = {"Vision Remember": "vision-remember", "DeepStack": "deepstack", "SVA": "sva"}
+    rows = [Row(label, Model(3, variant), CEILING) for label, variant in methods.items()]
+    return Table("table3", "Table 3 in miniature: re-fusion methods at 1/9", {"": rows}, model_column="the method")
+
+
 def table_5() -> Table:
     def row(label: str, variant: str) -> Row:
         return Row(label, Model(3, variant), CEILING)
@@ -108,7 +119,7 @@ def table_5() -> Table:
 
 
 def tables(names: list[str], ratios: list[int]) -> list[Table]:
-    builders = {"main": lambda: main_table(ratios), "2": table_2, "5": table_5}
+    builders = {"main": lambda: main_table(ratios), "2": table_2, "3": table_3, "5": table_5}
     return [builders[name]() for name in names]
 
 
