@@ -9,11 +9,11 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
 
 from vr_hf.cli import downsample_factor, main
-from vr_hf.demo import compare, decoders, feature_probe, tables
+from vr_hf.demo import compare, decoders, feature_probe, learning_curve, tables
 from vr_hf.demo.tasks import (
     CELL,
     COLUMNS,
@@ -214,7 +214,7 @@ def test_every_model_of_a_seed_starts_from_its_warm_start_where_their_weights_ma
     )
     model, _ = decoders.build_model("tiny", str(tower_dir), 3, {}, seed=0, scratch=str(tmp_path))
     blocks = {name: tensor.clone() for name, tensor in model.model.vision_remember.state_dict().items()}
-    compare.load_warm_start(model, tmp_path / "warm.safetensors")
+    compare.load_warm_start(model, load_file(tmp_path / "warm.safetensors"))
     warm = uncompressed.state_dict()
     for name, tensor in model.state_dict().items():
         if name.startswith("model.vision_remember."):
@@ -257,3 +257,14 @@ def test_a_failing_worker_hands_back_its_error_instead_of_hanging_the_pool():
     with pytest.raises(RuntimeError, match="refusion='nonsense' is unknown") as raised:
         compare.in_worker(lambda: tiny_config(refusion="nonsense"))()
     assert str(pickle.loads(pickle.dumps(raised.value))) == str(raised.value)
+
+
+def test_the_learning_curve_measures_the_model_from_its_warm_start_on(tmp_path):
+    tower_dir = tmp_path / "tower"
+    SiglipVisionModel(tower_config()).save_pretrained(tower_dir)
+    sizes = dict(steps=4, every=2, train_size=8, test_size=4, scratch=str(tmp_path))
+    fresh = learning_curve.learning_curve(str(tower_dir), 2, None, **sizes)
+    warm = learning_curve.learning_curve(str(tower_dir), 2, None, warm_start_steps=3, **sizes)
+    assert [point["step"] for point in fresh] == [point["step"] for point in warm] == [0, 2, 4]
+    assert all(0 <= point["first_token_accuracy"] <= 1 for point in fresh + warm)
+    assert warm[0]["loss"] < fresh[0]["loss"], "the warm start has learned the answers' format already"

@@ -100,22 +100,19 @@ def train_model(
         settings.decoder, tower_dir, model.downsample_factor, model.vision_remember, seed, str(scratch)
     )
     if warm_start is not None:
-        load_warm_start(built, warm_start)
+        load_warm_start(built, load_file(warm_start))
     train = experiment.AnswerDataset(make_split(settings.train_size, seed, settings.task), processor)
     run = experiment.RunSettings(steps, settings.batch_size, settings.learning_rate, seed)
     curve = experiment.train(built, train, run, str(scratch), processor.tokenizer.pad_token_id, [StepReporter(queue)])
     return built, processor, curve
 
 
-def load_warm_start(model, path: Path):
-    """Every weight of `model` that the warm start has, by name and shape; the others (Vision Remember's blocks, a
-    projector of another kind) keep their initialisation."""
+def load_warm_start(model, state: dict):
+    """Every weight of `model` that the warm start's `state` has, by name and shape; the others (Vision Remember's
+    blocks, a projector of another kind) keep their initialisation."""
     own = model.state_dict()
-    state = load_file(path)
-    model.load_state_dict(
-        {name: tensor for name, tensor in state.items() if name in own and own[name].shape == tensor.shape},
-        strict=False,
-    )
+    matching = {name: tensor for name, tensor in state.items() if name in own and own[name].shape == tensor.shape}
+    model.load_state_dict(matching, strict=False)
 
 
 def finished_warm_start(seed: int, settings: Settings) -> bool:

