@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
 
 from vr_hf.cli import downsample_factor, main
-from vr_hf.demo import compare, decoders, feature_probe, learning_curve, tables
+from vr_hf.demo import compare, decoders, feature_probe, layer_probe, learning_curve, tables
 from vr_hf.demo.tasks import (
     CELL,
     COLUMNS,
@@ -27,6 +27,7 @@ from vr_hf.demo.tasks import (
     make_word_sample,
 )
 from vr_hf.demo.tower import PatchClassifier, PatchDataset, tower_config
+from vr_hf.modeling.vision_remember import OutputProjection
 from vr_hf.tiny import tiny_config
 from vr_hf.training import trainable_parts
 
@@ -268,3 +269,31 @@ def test_the_learning_curve_measures_the_model_from_its_warm_start_on(tmp_path):
     assert [point["step"] for point in fresh] == [point["step"] for point in warm] == [0, 2, 4]
     assert all(0 <= point["first_token_accuracy"] <= 1 for point in fresh + warm)
     assert warm[0]["loss"] < fresh[0]["loss"], "the warm start has learned the answers' format already"
+
+
+def test_the_layer_probe_reads_each_stage_with_vision_remember_s_updates_in_it(tmp_path):
+    """The hidden states after a decoder layer hold the update of the Vision Remember block after it: a model with
+    active blocks and the same model without them agree up to the decoder's input, and differ after layer 0."""
+    tower_dir = tmp_path / "tower"
+    SiglipVisionModel(tower_config()).save_pretrained(tower_dir)
+    samples = make_split(4, 0, "word")[:2]
+    stages = {}
+    for name, vision_remember in (("baseline", None), ("vision-remember", {})):
+        model, processor = decoders.build_model("tiny", str(tower_dir), 3, vision_remember, 0, str(tmp_path))
+        for module in model.modules():
+            if isinstance(module, OutputProjection):
+                torch.nn.init.normal_(module.weight, std=0.3)
+        stages[name] = layer_probe.stage_states(model.eval(), processor, samples)
+        model.save_pretrained(tmp_path / name)
+        processor.save_pretrained(tmp_path / name)
+    names = ["decoder input", "after layer 0", "after layer 1, normed"]
+    assert list(stages["baseline"]) == names and list(stages["vision-remember"]) == ["uncompressed features", *names]
+    assert stages["vision-remember"]["uncompressed features"].shape == (2, 144, 64), "every patch of the last level"
+    assert stages["vision-remember"]["decoder input"].shape == (2, 16, 128)
+    assert torch.equal(stages["baseline"]["decoder input"], stages["vision-remember"]["decoder input"])
+    assert not torch.allclose(stages["baseline"]["after layer 0"], stages["vision-remember"]["after layer 0"])
+
+    plot = tmp_path / "probe.png"
+    checkpoints = [str(tmp_path / name) for name in stages]
+    layer_probe.main([*checkpoints, "--train-size", "8", "--steps", "3", "--plot", str(plot)])
+    assert plot.stat().st_size > 0

@@ -1,0 +1,113 @@
+"""Figure 1b in miniature: where a checkpoint's vision tokens lose the detail, where it fades and where it comes back.
+
+The attention probe of `feature_probe` (one learned query, a linear readout) reads each question type's answer from
+the vision tokens at every stage of a vr-hf checkpoint (LLaVA-VR or a graft): the uncompressed features Vision
+Remember reads (where the checkpoint has it), the tokens entering the decoder (after the projector's compression),
+and the vision tokens' hidden states after each decoder layer, Vision Remember's updates included. Held-out probe
+accuracy per stage and checkpoint is printed as a table and drawn as one line per checkpoint.
+
+    python -m vr_hf.demo.layer_probe CHECKPOINT [CHECKPOINT ...] [--task word] [--plot probe.png]
+"""
+
+import argparse
+import json
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..recipes import load_model_and_processor
+from .compare import TEST_SEED
+from .experiment import conversation
+from .feature_probe import attention_probe
+from .tasks import FAMILIES, make_split
+
+
+def stage_states(model, processor, samples, batch_size: int = 50) -> dict[str, torch.Tensor]:
+    """Per stage, every sample's vision tokens (all samples ask the same question): `(samples, tokens, width)`."""
+    prompt = processor.apply_chat_template(conversation(samples[0].question), add_generation_prompt=True)
+    stages = {}
+    for start in range(0, len(samples), batch_size):
+        images = [Image.fromarray(sample.image) for sample in samples[start : start + batch_size]]
+        inputs = processor(images=images, text=[prompt] * len(images), return_tensors="pt", padding=True)
+        with torch.no_grad():
+            outputs = model(**inputs, output_hidden_states=True)
+        placeholders = inputs["input_ids"] == model.config.image_token_id
+        layers = outputs.hidden_states[1:]  # the last one after the decoder's final norm, as Transformers returns it
+        tokens = {"decoder input": outputs.hidden_states[0]}
+        tokens.update({f"after layer {index}": states for index, states in enumerate(layers[:-1])})
+        tokens[f"after layer {len(layers) - 1}, normed"] = layers[-1]
+        batch = {name: states[placeholders].view(len(images), -1, states.shape[-1]) for name, states in tokens.items()}
+        features = getattr(getattr(outputs, "image_outputs", None), "remember_features", None)
+        if features is not None:  # the last level of the uncompressed features, as the images' patches
+            width = model.config.vision_config.hidden_size
+            batch = {"uncompressed features": torch.stack([image[:, -width:] for image in features]), **batch}
+        for name, states in batch.items():
+            stages.setdefault(name, []).append(states.float())
+    return {name: torch.cat(parts) for name, parts in stages.items()}
+
+
+def probe_checkpoint(checkpoint: str, task: str = "word", train_size: int = 1000, test_size: int = 400, steps=1500):
+    """Held-out probe accuracy per question type and stage."""
+    model, processor = load_model_and_processor(checkpoint)
+    model.eval()
+    train, test = make_split(train_size, 0, task), make_split(test_size, TEST_SEED, task)
+    results = {}
+    for question_type in FAMILIES[task].questions:
+        parts = [[sample for sample in split if sample.task == question_type] for split in (train, test)]
+        answers = sorted({sample.answer for sample in parts[0] + parts[1]})
+        labels = [torch.tensor([answers.index(sample.answer) for sample in part]) for part in parts]
+        states = [stage_states(model, processor, part) for part in parts]
+        results[question_type] = {
+            stage: attention_probe(states[0][stage], labels[0], states[1][stage], labels[1], steps)
+            for stage in tqdm(states[0], desc=f"probing {question_type!r} in {checkpoint}")
+        }
+    return results
+
+
+def plot(results: dict[str, dict], path: str):
+    from matplotlib import pyplot as plt
+
+    question_types = list(next(iter(results.values())))
+    figure, axes = plt.subplots(1, len(question_types), figsize=(4.5 * len(question_types), 3.6), squeeze=False)
+    for axis, question_type in zip(axes[0], question_types):
+        for checkpoint, by_type in results.items():
+            stages = list(by_type[question_type])
+            axis.plot(stages, [100 * by_type[question_type][stage] for stage in stages], marker="o", label=checkpoint)
+        axis.set_title(f"{question_type!r} questions", fontsize=9)
+        axis.set_ylabel("held-out probe accuracy (%)")
+        axis.set_ylim(0, 105)
+        axis.tick_params(axis="x", labelrotation=20, labelsize=7)
+    axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m vr_hf.demo.layer_probe", description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoints", nargs="+", help="vr-hf checkpoints (folders or Hub ids)")
+    parser.add_argument("--task", choices=FAMILIES, default="word", help="default %(default)s")
+    parser.add_argument("--train-size", type=int, default=1000, help="probe training images (default %(default)s)")
+    parser.add_argument("--steps", type=int, default=1500, help="probe training steps (default %(default)s)")
+    parser.add_argument("--plot", help="draw the figure here (PNG)")
+    parser.add_argument("--output", help="write the accuracies here as JSON")
+    arguments = parser.parse_args(argv)
+    results = {
+        checkpoint: probe_checkpoint(checkpoint, arguments.task, arguments.train_size, steps=arguments.steps)
+        for checkpoint in arguments.checkpoints
+    }
+    for checkpoint, by_type in results.items():
+        for question_type, by_stage in by_type.items():
+            print(f"\n{checkpoint}, {question_type!r}: held-out probe accuracy (%)")
+            print("| " + " | ".join(by_stage) + " |\n|" + "---|" * len(by_stage))
+            print("| " + " | ".join(f"{100 * accuracy:.1f}" for accuracy in by_stage.values()) + " |")
+    if arguments.plot:
+        plot(results, arguments.plot)
+    if arguments.output:
+        with open(arguments.output, "w") as file:
+            json.dump(results, file, indent=1)
+
+
+if __name__ == "__main__":
+    main()
