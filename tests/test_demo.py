@@ -265,7 +265,10 @@ def test_the_learning_curve_measures_the_model_from_its_warm_start_on(tmp_path):
     SiglipVisionModel(tower_config()).save_pretrained(tower_dir)
     sizes = dict(steps=4, every=2, train_size=8, test_size=4, scratch=str(tmp_path))
     fresh = learning_curve.learning_curve(str(tower_dir), 2, None, **sizes)
-    warm = learning_curve.learning_curve(str(tower_dir), 2, None, warm_start_steps=3, **sizes)
+    warm = learning_curve.learning_curve(
+        str(tower_dir), 2, None, warm_start_steps=3, save_to=str(tmp_path / "saved"), **sizes
+    )
+    assert (tmp_path / "saved" / "model.safetensors").is_file() and (tmp_path / "saved" / "tokenizer.json").is_file()
     assert [point["step"] for point in fresh] == [point["step"] for point in warm] == [0, 2, 4]
     assert all(0 <= point["first_token_accuracy"] <= 1 for point in fresh + warm)
     assert warm[0]["loss"] < fresh[0]["loss"], "the warm start has learned the answers' format already"

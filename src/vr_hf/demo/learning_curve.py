@@ -58,9 +58,11 @@ def learning_curve(
     scratch: str = "outputs/learning-curve",
     train_size: int = 4000,
     test_size: int = 200,
+    save_to: str | None = None,
 ) -> list[dict]:
     """Train the model (from the uncompressed model's `warm_start_steps`, as the tables do) and measure it every
-    `every` steps on the held-out questions."""
+    `every` steps on the held-out questions; save it with its processor to `save_to` where given (`layer_probe`
+    reads such checkpoints)."""
     train_split = make_split(train_size, seed, task)
     model, processor = build_model("tiny", tower_dir, side, vision_remember, seed, scratch, projector_type)
     pad = processor.tokenizer.pad_token_id
@@ -74,6 +76,9 @@ def learning_curve(
     probe.measure(model.train(), 0)
     run = experiment.RunSettings(steps, 32, 1e-3, seed)
     experiment.train(model, experiment.AnswerDataset(train_split, processor), run, scratch, pad, [probe])
+    if save_to:
+        model.save_pretrained(save_to)
+        processor.save_pretrained(save_to)
     return probe.points
 
 
@@ -88,6 +93,7 @@ def main(argv=None):
     parser.add_argument("--task", choices=FAMILIES, default="word", help="default %(default)s")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", help="write the curve here as JSON")
+    parser.add_argument("--save", help="save the trained model and its processor in this folder")
     arguments = parser.parse_args(argv)
     vision_remember = {} if arguments.vision_remember else None
     curve = learning_curve(
@@ -99,6 +105,7 @@ def main(argv=None):
         arguments.steps,
         task=arguments.task,
         seed=arguments.seed,
+        save_to=arguments.save,
     )
     if arguments.output:
         with open(arguments.output, "w") as file:
