@@ -8,7 +8,7 @@ import sys
 
 from vr_hf.conversion import build_from_parts
 from vr_hf.conversion.cli import add_output_arguments, add_vision_remember_arguments, run, vision_remember_settings
-from vr_hf.modeling.configuration_llava_vr import PROJECTOR_TYPES
+from vr_hf.modeling.configuration_llava_vr import PROJECTOR_TYPES, REFUSION_TYPES
 
 
 EPILOG = """example:
@@ -47,6 +47,11 @@ def parse_args(argv=None):
     parser.add_argument("--downsample-factor", type=int, help="window side s, ratio 1/s^2 (default 3)")
     add_vision_remember_arguments(parser)
     parser.add_argument("--no-vision-remember", action="store_true", help="build the plain compressed baseline")
+    parser.add_argument(
+        "--refusion",
+        choices=REFUSION_TYPES,
+        help="the blocks: Vision Remember's (default) or a rival's in their place",
+    )
     anyres = parser.add_mutually_exclusive_group()
     anyres.add_argument("--anyres", action="store_true", help="AnyRes with views in grids up to 2x2 (LLaVA-NeXT)")
     anyres.add_argument(
@@ -63,7 +68,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     overrides = vision_remember_settings(args)
-    for name in ("projector_type", "downsample_factor", "image_grid_pinpoints"):
+    for name in ("projector_type", "downsample_factor", "image_grid_pinpoints", "refusion"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.no_vision_remember:

@@ -249,7 +249,8 @@ def test_cli(parts, tmp_path):
         [sys.executable, str(CLI), "--help"], capture_output=True, text=True, env=env, timeout=60
     )
     assert help_run.returncode == 0, help_run.stderr
-    for flag in ("--projector-type", "--downsample-factor", "--remember-after-layers", "--anyres", "--overwrite"):
+    flags = ("--projector-type", "--downsample-factor", "--remember-after-layers", "--anyres", "--overwrite")
+    for flag in (*flags, "--refusion"):
         assert flag in help_run.stdout
     assert "example:" in help_run.stdout
 
@@ -257,10 +258,10 @@ def test_cli(parts, tmp_path):
     command = [sys.executable, str(CLI), "--vision-model", str(parts / "siglip"), "--text-model", str(parts / "qwen2")]
     command += ["--output-dir", str(out), "--remember-after-layers", "0", "2", "--projector-type", "avg_pool"]
     command += ["--downsample-factor", "3", "--anyres", "--cross-attention-heads", "4", "--no-text-guidance"]
-    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    run = subprocess.run(command + ["--refusion", "sva"], capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     config = json.loads((out / "config.json").read_text())
-    assert config["cross_attention_heads"] == 4 and config["text_guidance"] is False
+    assert config["cross_attention_heads"] == 4 and config["text_guidance"] is False and config["refusion"] == "sva"
     assert config["remember_after_layers"] == [0, 2] and config["image_grid_pinpoints"] == [
         [36, 72],
         [72, 36],
