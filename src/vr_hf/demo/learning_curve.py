@@ -52,6 +52,7 @@ def learning_curve(
     projector_type: str = "avg_pool",
     warm_start_steps: int = 0,
     steps: int = 1000,
+    learning_rate: float = 1e-3,
     every: int = 50,
     task: str = "word",
     seed: int = 0,
@@ -74,7 +75,7 @@ def learning_curve(
     held_out = experiment.AnswerDataset(make_split(test_size, TEST_SEED, task), processor)
     probe = HeldOutProbe(experiment.collate(pad)(held_out.items), every)
     probe.measure(model.train(), 0)
-    run = experiment.RunSettings(steps, 32, 1e-3, seed)
+    run = experiment.RunSettings(steps, 32, learning_rate, seed)
     experiment.train(model, experiment.AnswerDataset(train_split, processor), run, scratch, pad, [probe])
     if save_to:
         model.save_pretrained(save_to)
@@ -90,6 +91,7 @@ def main(argv=None):
     parser.add_argument("--projector", choices=PROJECTOR_TYPES, default="avg_pool", help="default %(default)s")
     parser.add_argument("--warm-start-steps", type=int, default=0, help="as the tables' option (default 0)")
     parser.add_argument("--steps", type=int, default=1000, help="default %(default)s")
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="after the warm start (default %(default)s)")
     parser.add_argument("--task", choices=FAMILIES, default="word", help="default %(default)s")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", help="write the curve here as JSON")
@@ -103,6 +105,7 @@ def main(argv=None):
         arguments.projector,
         arguments.warm_start_steps,
         arguments.steps,
+        arguments.learning_rate,
         task=arguments.task,
         seed=arguments.seed,
         save_to=arguments.save,
