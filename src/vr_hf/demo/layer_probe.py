@@ -11,6 +11,7 @@ accuracy per stage and checkpoint is printed as a table and drawn as one line pe
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -66,18 +67,23 @@ def probe_checkpoint(checkpoint: str, task: str = "word", train_size: int = 1000
 
 
 def plot(results: dict[str, dict], path: str):
+    """One panel per question type: probe accuracy along the stages, one line per checkpoint (named by its folder)."""
     from matplotlib import pyplot as plt
 
     question_types = list(next(iter(results.values())))
+    by_depth = sorted(results.values(), key=lambda by_type: -len(by_type[question_types[0]]))
+    stages = list(dict.fromkeys(stage for by_type in by_depth for stage in by_type[question_types[0]]))
     figure, axes = plt.subplots(1, len(question_types), figsize=(4.5 * len(question_types), 3.6), squeeze=False)
     for axis, question_type in zip(axes[0], question_types):
         for checkpoint, by_type in results.items():
-            stages = list(by_type[question_type])
-            axis.plot(stages, [100 * by_type[question_type][stage] for stage in stages], marker="o", label=checkpoint)
+            accuracy = by_type[question_type]
+            positions = [stages.index(stage) for stage in accuracy]
+            label = Path(checkpoint).name or checkpoint
+            axis.plot(positions, [100 * value for value in accuracy.values()], marker="o", label=label)
+        axis.set_xticks(range(len(stages)), stages, rotation=20, ha="right", fontsize=7)
         axis.set_title(f"{question_type!r} questions", fontsize=9)
         axis.set_ylabel("held-out probe accuracy (%)")
         axis.set_ylim(0, 105)
-        axis.tick_params(axis="x", labelrotation=20, labelsize=7)
     axes[0][0].legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
