@@ -47,7 +47,7 @@ class DeepStackLayer(nn.Module):
         return False
 
     def forward(self, hidden_states: torch.Tensor, context: RememberContext) -> torch.Tensor:
-        windows = context.window_features * context.window_mask[..., None]  # holes stack as zeros
-        levels = windows.unflatten(-1, (self.num_levels, -1))  # (tokens, window, levels, Dv)
+        # LLaVA-VR's windows are whole; a newline token has none (it reads row 0) and its update is dropped
+        levels = context.window_features.unflatten(-1, (self.num_levels, -1))  # (tokens, window, levels, Dv)
         update = sum(merger(levels[:, :, level].flatten(1)) for level, merger in zip(self.levels, self.mergers))
         return add_to_tokens(hidden_states, context.layout, context.weigh(update * context.windowed))

@@ -45,10 +45,10 @@ class SpatialVisionAggregator(nn.Module):
         levels = context.window_features.unflatten(-1, (len(self.k_proj), -1)).unbind(2)  # each (tokens, window, Dv)
         keys = torch.cat([project(level) for project, level in zip(self.k_proj, levels)], dim=1)
         values = torch.cat([project(level) for project, level in zip(self.v_proj, levels)], dim=1)
-        mask = context.window_mask.repeat(1, len(levels))  # level after level, as the keys
         heads = (num_tokens, -1, self.num_heads, self.head_dim)
+        # No mask: LLaVA-VR's windows are whole; a newline token has none (it reads row 0) and its update is dropped
         output = attend_windows(
-            self.attention, queries.view(heads[0], *heads[2:]), keys.view(heads), mask, values.view(heads)
+            self.attention, queries.view(heads[0], *heads[2:]), keys.view(heads), None, values.view(heads)
         )
         update = self.out_proj(output.reshape(num_tokens, -1)) * context.windowed
         return add_to_tokens(hidden_states, layout, context.weigh(update))
