@@ -66,6 +66,14 @@ class VisionRememberConfig(VisionRememberSettings):
             Spatial Vision Aggregator (the vision tokens cross-attend to their windows of every level through key and
             value projections of each level's own, with `self_attention_heads` heads). Both need
             `interaction="local"`; `bidirectional` and `text_guidance` are Vision Remember's only.
+        fastv_layer (`int`, *optional*):
+            FastV, the token-pruning method the paper compares Vision Remember with (instead of it: needs
+            `use_vision_remember=False`): decoder layer `fastv_layer - 1` ranks each turn's vision tokens by the
+            attention its prompt's last token pays them, and from layer `fastv_layer` on only the
+            `fastv_keep_ratio` most attended remain visible. `None` (the default) turns it off. Needs
+            `attn_implementation` `"sdpa"` or `"eager"`, which take the 4-D masks it prunes with.
+        fastv_keep_ratio (`float`, *optional*, defaults to 0.5):
+            The fraction of each turn's vision tokens FastV keeps (FastV's own default prunes half).
         generation_prompt_ids (`list[int]`, *optional*, defaults to Qwen2's `<|im_start|>assistant\n`):
             See [`VisionRememberSettings`].
 
@@ -116,6 +124,8 @@ class VisionRememberConfig(VisionRememberSettings):
     image_grid_pinpoints: list | None = None
     use_vision_remember: bool = True
     refusion: str = "vision_remember"
+    fastv_layer: int | None = None
+    fastv_keep_ratio: float = 0.5
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
@@ -169,6 +179,8 @@ class VisionRememberConfig(VisionRememberSettings):
             raise ValueError(f"refusion={self.refusion!r} is unknown: use one of {REFUSION_TYPES}.")
         if self.use_vision_remember and self.refusion != "vision_remember":
             self.check_rival_refusion()
+        if self.fastv_layer is not None:
+            self.check_fastv()
         if self.downsample_factor < 1 or self.grid_size % self.downsample_factor:
             raise ValueError(
                 f"downsample_factor={self.downsample_factor} does not tile the {self.grid_size}x{self.grid_size} "
@@ -202,6 +214,23 @@ class VisionRememberConfig(VisionRememberSettings):
                 f"remember_after_layers={self.remember_after_layers} in equal shares, and {blocks} blocks do not "
                 f"divide them: list as many layers as levels (Qwen3-VL's one level per layer), or a divisor of "
                 f"{levels}."
+            )
+
+    def check_fastv(self):
+        """Part of `validate_llava_vr`."""
+        layers = self.text_config.num_hidden_layers
+        if not 1 <= self.fastv_layer < layers:
+            raise ValueError(
+                f"fastv_layer={self.fastv_layer}: FastV ranks the vision tokens in the layer before fastv_layer and "
+                f"prunes them from fastv_layer on, which needs a layer in [1, {layers - 1}] of this {layers}-layer "
+                "decoder."
+            )
+        if not 0 < self.fastv_keep_ratio <= 1:
+            raise ValueError(f"fastv_keep_ratio={self.fastv_keep_ratio} is not a fraction in (0, 1] of the tokens.")
+        if self.use_vision_remember:
+            raise ValueError(
+                "fastv_layer is set with use_vision_remember=True: FastV is the token-pruning method Vision Remember "
+                "is compared with, in its place: set use_vision_remember=False."
             )
 
 

@@ -20,6 +20,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .configuration_llava_vr import VisionRememberConfig
 from .deepstack import DeepStackLayer
+from .fastv import FastV
 from .image_layout import ImageLayout, image_windows
 from .modeling_vision_remember_base import (
     RememberImageOutputs,
@@ -235,6 +236,9 @@ class VisionRememberModel(VisionRememberModelMixin, EfficientLlavaModel):
         self.vision_remember = None
         if config.use_vision_remember:
             self.attach_vision_remember(REFUSION_BLOCKS[config.refusion])
+        if config.fastv_layer is not None:
+            self.fastv = FastV(config)
+            self.fastv.attach(self.language_model.layers)
         self.post_init()
 
 

@@ -186,6 +186,7 @@ class VisionRememberModelMixin(VisionRememberPreTrainedMixin):
     """
 
     caller_labels = None  # the head's `labels` when a trainer calls this module without them
+    fastv = None  # LLaVA-VR's FastV (`fastv_layer`), the pruning rival of Vision Remember
 
     def attach_vision_remember(self, block: type[nn.Module] = VisionRememberLayer):
         """Call in `__init__`, after the decoder is built, before `post_init`. Building the blocks draws nothing from
@@ -229,9 +230,13 @@ class VisionRememberModelMixin(VisionRememberPreTrainedMixin):
                 turns.warn_where_unclear(self.config, labels is not None, prompt_mask is not None)
                 pooled = turns.pooled if self.vision_remember.text_guidance else None
                 layout = TokenLayout.from_turns(turns.placeholders, turns.turns, pooled, self.device)
+            if self.fastv is not None:
+                fastv = self.fastv.prepare(turns, self.device, self.language_model.config._attn_implementation)
             if images is None:
                 images = self.encode_images(pixel_values, **kwargs)
                 mm_encoder_outputs, pixel_values = {**(mm_encoder_outputs or {}), "image": images}, None
+            if self.fastv is not None:
+                kwargs["fastv"] = fastv
             if layout is not None:
                 if images.remember_features is None:
                     raise ValueError(

@@ -41,6 +41,7 @@ RIVALS = {
     "llava_vr+deepstack": dict(refusion="deepstack", remember_after_layers=[0, 1, 2]),
     "llava_vr+sva": dict(refusion="sva"),
     "llava_vr+tokenpacker": dict(projector_type="tokenpacker", use_vision_remember=False),
+    "llava_vr+fastv": dict(fastv_layer=2, fastv_keep_ratio=0.5, use_vision_remember=False),
 }
 FAMILIES = list(BACKBONES) + list(RIVALS)
 NEW_TOKENS = 4

@@ -41,6 +41,7 @@ REMOTE_CODE_FILES = [
     "vision_remember_triton.py",
     "conversation_turns.py",
     "deepstack.py",
+    "fastv.py",
     "spatial_vision_aggregator.py",
     "projectors.py",
     "image_layout.py",

@@ -1,13 +1,16 @@
 """The rivals LLaVA-VR compares Vision Remember with, each against a reference written out by hand: DeepStack and
-Cambrian-1's Spatial Vision Aggregator (`refusion`), TokenPacker's projector (`projector_type`). One view of 12 x 12
-patches, 3 x 3 windows: 16 vision tokens, token `(i, j)` made from patches `[3i:3i+3, 3j:3j+3]`."""
+Cambrian-1's Spatial Vision Aggregator (`refusion`), TokenPacker's projector (`projector_type`), FastV's pruning
+(`fastv_layer`). One view of 12 x 12 patches, 3 x 3 windows: 16 vision tokens, token `(i, j)` made from patches
+`[3i:3i+3, 3j:3j+3]`."""
+
+from contextlib import contextmanager
 
 import pytest
 import torch
 from torch.nn import functional as F
 from transformers import AutoModelForImageTextToText
 
-from vr_hf.modeling import VisionRememberForConditionalGeneration
+from vr_hf.modeling import VisionRememberForConditionalGeneration, fastv
 from vr_hf.modeling.vision_remember import OutputProjection
 from vr_hf.tiny import tiny_config
 
@@ -17,6 +20,7 @@ RIVALS = {
     "deepstack": dict(refusion="deepstack", remember_after_layers=[0, 1, 2]),  # Qwen3-VL's one level per layer
     "sva": dict(refusion="sva"),
     "tokenpacker": dict(projector_type="tokenpacker", use_vision_remember=False),
+    "fastv": dict(fastv_layer=2, fastv_keep_ratio=0.25, use_vision_remember=False),  # layers 2, 3 see 4 tokens
 }
 
 
@@ -157,6 +161,85 @@ def test_tokenpacker_points_query_their_regions_of_the_multi_level_features():
     torch.testing.assert_close(tokens, torch.stack(expected))
 
 
+@contextmanager
+def pruned_sets():
+    """Every forward's FastV ranking: its pruned positions `(batch, sequence)`."""
+    seen, rank = [], fastv.FastVContext.rank
+
+    def spy(context, *args):
+        seen.append(rank(context, *args))
+        return seen[-1]
+
+    fastv.FastVContext.rank = spy
+    try:
+        yield seen
+    finally:
+        fastv.FastVContext.rank = rank
+
+
+def test_fastv_keeps_the_vision_tokens_the_prompt_s_last_token_attends_to_most():
+    """Against the attention map of the layer before `fastv_layer`, as Transformers' eager attention returns it."""
+    model = rival_model(**RIVALS["fastv"])
+    inputs = one_image(model.config)
+    with pruned_sets() as seen, torch.no_grad():
+        model(**inputs)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        maps = model(**inputs, output_attentions=True).attentions[model.config.fastv_layer - 1]
+    weights = maps[0, :, -1, 1 : 1 + TOKENS].mean(dim=0)  # the last token's row, over the heads
+    expected = torch.ones(inputs["input_ids"].shape, dtype=torch.bool)
+    expected[0, 1 + weights.topk(4).indices] = False
+    expected[0, 0], expected[0, 1 + TOKENS :] = False, False
+    assert torch.equal(seen[0], expected)
+
+
+def test_fastv_equals_the_decoder_run_without_the_pruned_tokens():
+    """The layers from `fastv_layer` on, run on the kept tokens alone at their own positions, give the same logits."""
+    model = rival_model(**RIVALS["fastv"])
+    inputs = one_image(model.config)
+    with pruned_sets() as seen, torch.no_grad():
+        outputs = model(**inputs, output_hidden_states=True)
+    decoder, layer = model.model.language_model, model.config.fastv_layer
+    kept = ~seen[0][0]
+    assert kept.sum() == inputs["input_ids"].shape[1] - TOKENS + 4
+    states = outputs.hidden_states[layer][:, kept]  # after layer `fastv_layer - 1`
+    positions = torch.arange(len(kept))[kept][None]
+    position_embeddings = decoder.rotary_emb(states, positions)
+    with torch.no_grad():
+        for decoder_layer in decoder.layers[layer:]:
+            states = decoder_layer(states, position_ids=positions, position_embeddings=position_embeddings)
+        expected = model.lm_head(decoder.norm(states))
+    torch.testing.assert_close(outputs.logits[:, kept], expected)
+
+
+def test_fastv_ranks_with_the_prompt_s_last_token_in_training_as_in_generation():
+    """A teacher-forced answer never takes part in the ranking: the pruned set is the prompt's own."""
+    model = rival_model(**RIVALS["fastv"])
+    prompt = one_image(model.config)
+    answer = torch.tensor([[10, 11, 12]])
+    input_ids = torch.cat([prompt["input_ids"], answer], dim=1)
+    labels = torch.cat([torch.full(prompt["input_ids"].shape, -100), answer], dim=1)
+    with pruned_sets() as seen, torch.no_grad():
+        model(**prompt)
+        model(input_ids=input_ids, pixel_values=prompt["pixel_values"], labels=labels)
+    assert torch.equal(seen[1][:, : prompt["input_ids"].shape[1]], seen[0]) and not seen[1][:, -3:].any()
+
+
+def test_fastv_decoding_steps_keep_the_prompt_s_pruned_tokens_out():
+    """Each cached decoding step gives the logits of the whole sequence run anew, whose ranking is the prompt's."""
+    model = rival_model(**RIVALS["fastv"])
+    inputs = one_image(model.config)
+    scored = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    generated = model.generate(**inputs, **scored)
+    sequence, prompt_mask = inputs["input_ids"], torch.ones_like(inputs["input_ids"], dtype=torch.bool)
+    for step_logits in generated.logits:
+        with torch.no_grad():
+            logits = model(sequence, pixel_values=inputs["pixel_values"], prompt_mask=prompt_mask).logits[:, -1]
+        torch.testing.assert_close(step_logits, logits)
+        sequence = torch.cat([sequence, logits.argmax(dim=-1, keepdim=True)], dim=1)
+    assert torch.equal(sequence, generated.sequences)
+
+
 @pytest.mark.parametrize("rival", ["deepstack", "sva"])
 def test_a_new_refusion_block_reproduces_the_baseline(rival):
     torch.manual_seed(0)
@@ -178,7 +261,9 @@ def test_rivals_save_and_reload(rival, tmp_path):
     in a fresh interpreter)."""
     model = rival_model(**RIVALS[rival])
     model.save_pretrained(tmp_path)
-    assert {"deepstack.py", "spatial_vision_aggregator.py"} <= {path.name for path in tmp_path.glob("*.py")}
+    assert {"deepstack.py", "spatial_vision_aggregator.py", "fastv.py"} <= {
+        path.name for path in tmp_path.glob("*.py")
+    }
     reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path, trust_remote_code=True).eval()
     assert reloaded.config.refusion == model.config.refusion
     assert reloaded.config.projector_type == model.config.projector_type
@@ -193,8 +278,19 @@ def test_rivals_save_and_reload(rival, tmp_path):
         (dict(refusion="deepstack", remember_after_layers=[0, 2]), "2 blocks do not divide them"),
         (dict(refusion="sva", interaction="global"), "use interaction='local'"),
         (dict(refusion="deepstak"), "refusion='deepstak' is unknown"),
+        (dict(fastv_layer=0, use_vision_remember=False), r"needs a layer in \[1, 3\]"),
+        (dict(fastv_layer=4, use_vision_remember=False), r"needs a layer in \[1, 3\]"),
+        (dict(fastv_layer=1, fastv_keep_ratio=0.0, use_vision_remember=False), r"not a fraction in \(0, 1\]"),
+        (dict(fastv_layer=1), "set use_vision_remember=False"),
     ],
 )
 def test_rival_settings_that_cannot_work_are_refused(settings, message):
     with pytest.raises(Exception, match=message):
         tiny_config(**settings)
+
+
+def test_fastv_refuses_attention_that_takes_no_4d_mask_before_encoding_any_image():
+    model = rival_model(**RIVALS["fastv"])
+    model.model.language_model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="load the model with attn_implementation='sdpa'"):
+        model(**one_image(model.config))
