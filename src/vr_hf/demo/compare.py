@@ -11,7 +11,7 @@ import multiprocessing
 import os
 import threading
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -80,31 +80,42 @@ def in_worker(function):
     return run
 
 
-def warm_start_folder(seed: int, settings: Settings) -> Path:
-    return Path(settings.output_dir, "runs", f"warm-start-seed-{seed}")
+def warm_start_chain(side: int) -> list[int]:
+    """The window sides of the warm-start stages a model at window side `side` starts from, in training order: the
+    uncompressed model, then the pooling baseline at every smaller window, each stage from the one before. A
+    compressed model trained from the uncompressed one learns at 1/4 but falls to the answer prior at 1/9 and 1/16;
+    one step of compression at a time, each ratio's baselines learn (docs/results/README.md)."""
+    return list(range(1, max(side, 2)))
+
+
+def warm_start_folder(seed: int, side: int, settings: Settings) -> Path:
+    return Path(settings.output_dir, "runs", f"warm-start-1-{side**2}-seed-{seed}")
+
+
+def start_model(model: tables.Model, seed: int, settings: Settings, tower_dir: str, scratch: Path):
+    """`model` built for `seed`, from its warm start where `settings` asks for one, and its processor."""
+    built, processor = build_model(
+        settings.decoder, tower_dir, model.downsample_factor, model.config_overrides, seed, str(scratch)
+    )
+    if settings.warm_start_steps:
+        start = warm_start_chain(model.downsample_factor)[-1]
+        load_warm_start(built, load_file(warm_start_folder(seed, start, settings) / "model.safetensors"))
+    return built, processor
+
+
+def train_started(model, processor, seed: int, steps: int, settings: Settings, scratch: Path, callbacks=()):
+    """Train a started model `steps` steps on the training split of `seed`; returns its training curve."""
+    train = experiment.AnswerDataset(make_split(settings.train_size, seed, settings.task), processor)
+    run = experiment.RunSettings(steps, settings.batch_size, settings.learning_rate, seed)
+    return experiment.train(model, train, run, str(scratch), processor.tokenizer.pad_token_id, list(callbacks))
 
 
 def train_model(
-    model: tables.Model,
-    seed: int,
-    steps: int,
-    settings: Settings,
-    tower_dir: str,
-    queue,
-    scratch: Path,
-    warm_start=None,
+    model: tables.Model, seed: int, steps: int, settings: Settings, tower_dir: str, scratch: Path, callbacks=()
 ):
-    """Build `model` for `seed`, from the weights in the `warm_start` file where given, and train it `steps` steps on
-    the training split; returns the model, its processor and its training curve."""
-    built, processor = build_model(
-        settings.decoder, tower_dir, model.downsample_factor, model.vision_remember, seed, str(scratch)
-    )
-    if warm_start is not None:
-        load_warm_start(built, load_file(warm_start))
-    train = experiment.AnswerDataset(make_split(settings.train_size, seed, settings.task), processor)
-    run = experiment.RunSettings(steps, settings.batch_size, settings.learning_rate, seed)
-    curve = experiment.train(built, train, run, str(scratch), processor.tokenizer.pad_token_id, [StepReporter(queue)])
-    return built, processor, curve
+    """`start_model`, then `train_started`: the trained model, its processor and its training curve."""
+    built, processor = start_model(model, seed, settings, tower_dir, scratch)
+    return built, processor, train_started(built, processor, seed, steps, settings, scratch, callbacks)
 
 
 def load_warm_start(model, state: dict):
@@ -115,31 +126,41 @@ def load_warm_start(model, state: dict):
     model.load_state_dict(matching, strict=False)
 
 
-def finished_warm_start(seed: int, settings: Settings) -> bool:
-    record = warm_start_folder(seed, settings) / "curve.json"
+def finished_warm_start(seed: int, side: int, settings: Settings) -> bool:
+    record = warm_start_folder(seed, side, settings) / "curve.json"
     return record.is_file() and json.loads(record.read_text())["training_settings"] == training_settings(settings)
 
 
+def train_warm_starts(seed: int, sides: list[int], settings: Settings, tower_dir: str, callbacks=()):
+    """Train the warm-start stages of `seed` at window sides `sides` (a `warm_start_chain`) that are not finished yet,
+    `warm_start_steps` each, each from the one before; each is kept with its training curve."""
+    for side in sides:
+        if finished_warm_start(seed, side, settings):
+            continue
+        folder = warm_start_folder(seed, side, settings)
+        stage = replace(settings, warm_start_steps=0) if side == 1 else settings
+        model, _, curve = train_model(
+            tables.Model(side), seed, settings.warm_start_steps, stage, tower_dir, folder, callbacks
+        )
+        save_file({name: tensor.clone() for name, tensor in model.state_dict().items()}, folder / "model.safetensors")
+        record = {"training_settings": training_settings(settings), "training_curve": curve}
+        (folder / "curve.json").write_text(json.dumps(record))
+
+
 @in_worker
-def run_warm_start(seed: int, settings: Settings, tower_dir: str, queue):
-    """Train the uncompressed model of `seed` for `warm_start_steps`: the start of every model of that seed. Runs in a
-    worker process."""
+def run_warm_starts(seed: int, sides: list[int], settings: Settings, tower_dir: str, queue):
+    """`train_warm_starts` in a worker process."""
     torch.set_num_threads(1)
-    folder = warm_start_folder(seed, settings)
-    model, _, curve = train_model(tables.CEILING, seed, settings.warm_start_steps, settings, tower_dir, queue, folder)
-    save_file({name: tensor.clone() for name, tensor in model.state_dict().items()}, folder / "model.safetensors")
-    record = {"training_settings": training_settings(settings), "training_curve": curve}
-    (folder / "curve.json").write_text(json.dumps(record))
+    train_warm_starts(seed, sides, settings, tower_dir, [StepReporter(queue)])
 
 
 @in_worker
 def run_job(job: Job, settings: Settings, tower_dir: str, queue) -> dict:
     """Train and evaluate one model, and keep its result beside it; runs in a worker process."""
     torch.set_num_threads(1)
-    warm_start = warm_start_folder(job.seed, settings) / "model.safetensors" if settings.warm_start_steps else None
     folder = job_folder(job, settings)
     model, processor, curve = train_model(
-        job.model, job.seed, settings.steps, settings, tower_dir, queue, folder, warm_start
+        job.model, job.seed, settings.steps, settings, tower_dir, folder, [StepReporter(queue)]
     )
     correct = experiment.correct_by_task(model, processor, held_out_split(settings), questions(settings))
     if job.save_to:
@@ -177,6 +198,13 @@ def jobs_for(settings: Settings) -> list[Job]:
 
 def requested_tables(settings: Settings) -> list[tables.Table]:
     return tables.tables(settings.tables, settings.ratios)
+
+
+def warm_start_sides(jobs: list[Job], settings: Settings) -> list[int]:
+    """The window sides of the warm-start stages that `jobs` start from: the longest chain they need."""
+    if not settings.warm_start_steps or not jobs:
+        return []
+    return warm_start_chain(max(job.model.downsample_factor for job in jobs))
 
 
 def follow_progress(queue, total: int) -> threading.Thread:
@@ -219,18 +247,21 @@ def run(settings: Settings) -> list[dict]:
     if finished:
         print(f"Reusing {len(finished)} models already trained with these settings in {settings.output_dir}/runs")
     jobs = [job for job in jobs if job.name not in finished]
-    warm_starts = [seed for seed in settings.seeds if settings.warm_start_steps and jobs]
-    warm_starts = [seed for seed in warm_starts if not finished_warm_start(seed, settings)]
-    if warm_starts:
-        print(f"Warm starts: the uncompressed model of seeds {warm_starts}, {settings.warm_start_steps} steps each")
+    sides = warm_start_sides(jobs, settings)
+    stages = [
+        (seed, side) for seed in settings.seeds for side in sides if not finished_warm_start(seed, side, settings)
+    ]
+    if stages:
+        names = ", ".join(f"1/{side**2}" for side in sides)
+        print(f"Warm starts: per seed, {settings.warm_start_steps} steps at {names}, each from the one before")
     print(f"Training {len(jobs)} models, {settings.workers} at a time...")
     context = multiprocessing.get_context("spawn")
     with context.Manager() as manager:
         queue = manager.Queue()
-        steps = settings.steps * len(jobs) + settings.warm_start_steps * len(warm_starts)
-        progress = follow_progress(queue, steps)
+        progress = follow_progress(queue, settings.steps * len(jobs) + settings.warm_start_steps * len(stages))
         with context.Pool(settings.workers) as pool:
-            pool.starmap(run_warm_start, [(seed, settings, tower_dir, queue) for seed in warm_starts])
+            if stages:
+                pool.starmap(run_warm_starts, [(seed, sides, settings, tower_dir, queue) for seed in settings.seeds])
             pending = [pool.apply_async(run_job, (job, settings, tower_dir, queue), callback=report) for job in jobs]
             results = [*finished.values()] + [task.get() for task in pending]
             pool.close()  # workers exit on their own: terminate() skips their finalizers and leaks their semaphores
@@ -255,8 +286,11 @@ def write_results(results: list[dict], settings: Settings) -> str:
         record = {"settings": asdict(settings), "answer_prior": prior_by_task, "summary": summary, "runs": runs}
         if settings.warm_start_steps:
             record["warm_starts"] = {
-                seed: json.loads((warm_start_folder(seed, settings) / "curve.json").read_text())["training_curve"]
+                f"1/{side**2} seed {seed}": json.loads(
+                    (warm_start_folder(seed, side, settings) / "curve.json").read_text()
+                )["training_curve"]
                 for seed in settings.seeds
+                for side in warm_start_chain(max(model.downsample_factor for model in table.models()))
             }
         (output / f"{table.name}.json").write_text(json.dumps(record, indent=2))
         (output / f"{table.name}.md").write_text(text + "\n")

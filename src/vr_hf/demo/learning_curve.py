@@ -3,21 +3,21 @@
 It tells a model that has not learned yet from one that cannot: a model that ignores the image sits at the answer
 prior, its loss at the answers' entropy, and every model trained with the same seed sits on the same curve there.
 
-    python -m vr_hf.demo.learning_curve OUTPUT_DIR/runs/tower/pretrained --ratio 1/4 [--warm-start-steps 400]
+    python -m vr_hf.demo.learning_curve OUTPUT_DIR/runs/tower/pretrained --ratio 1/9 --warm-start-steps 400
 """
 
 import argparse
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from ..cli import downsample_factor
-from ..modeling.configuration_llava_vr import PROJECTOR_TYPES
-from . import experiment
-from .compare import TEST_SEED, load_warm_start
-from .decoders import build_model
+from . import compare, experiment, tables
+from .settings import Settings
 from .tasks import FAMILIES, make_split
 
 
@@ -47,9 +47,7 @@ class HeldOutProbe(TrainerCallback):
 
 def learning_curve(
     tower_dir: str,
-    side: int,
-    vision_remember: dict | None,
-    projector_type: str = "avg_pool",
+    model: tables.Model,
     warm_start_steps: int = 0,
     steps: int = 1000,
     learning_rate: float = 1e-3,
@@ -61,24 +59,21 @@ def learning_curve(
     test_size: int = 200,
     save_to: str | None = None,
 ) -> list[dict]:
-    """Train the model (from the uncompressed model's `warm_start_steps`, as the tables do) and measure it every
-    `every` steps on the held-out questions; save it with its processor to `save_to` where given (`layer_probe`
-    reads such checkpoints)."""
-    train_split = make_split(train_size, seed, task)
-    model, processor = build_model("tiny", tower_dir, side, vision_remember, seed, scratch, projector_type)
-    pad = processor.tokenizer.pad_token_id
+    """Train `model` as the tables do (from the warm-start chain of `warm_start_steps` per stage, kept in `scratch`
+    for the next call) and measure it every `every` steps on the held-out questions; save it with its processor to
+    `save_to` where given (`layer_probe` reads such checkpoints)."""
+    settings = Settings(task=task, train_size=train_size, warm_start_steps=warm_start_steps, output_dir=scratch)
     if warm_start_steps:
-        uncompressed, uncompressed_processor = build_model("tiny", tower_dir, 1, None, seed, scratch)
-        warm_up = experiment.AnswerDataset(train_split, uncompressed_processor)
-        experiment.train(uncompressed, warm_up, experiment.RunSettings(warm_start_steps, 32, 1e-3, seed), scratch, pad)
-        load_warm_start(model, uncompressed.state_dict())
-    held_out = experiment.AnswerDataset(make_split(test_size, TEST_SEED, task), processor)
+        compare.train_warm_starts(seed, compare.warm_start_chain(model.downsample_factor), settings, tower_dir)
+    built, processor = compare.start_model(model, seed, settings, tower_dir, Path(scratch))
+    pad = processor.tokenizer.pad_token_id
+    held_out = experiment.AnswerDataset(make_split(test_size, compare.TEST_SEED, task), processor)
     probe = HeldOutProbe(experiment.collate(pad)(held_out.items), every)
-    probe.measure(model.train(), 0)
-    run = experiment.RunSettings(steps, 32, learning_rate, seed)
-    experiment.train(model, experiment.AnswerDataset(train_split, processor), run, scratch, pad, [probe])
+    probe.measure(built.train(), 0)
+    settings = replace(settings, learning_rate=learning_rate)
+    compare.train_started(built, processor, seed, steps, settings, Path(scratch), [probe])
     if save_to:
-        model.save_pretrained(save_to)
+        built.save_pretrained(save_to)
         processor.save_pretrained(save_to)
     return probe.points
 
@@ -87,9 +82,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m vr_hf.demo.learning_curve", description=__doc__.split("\n")[0])
     parser.add_argument("tower_dir", help="a pretrained tower, e.g. OUTPUT_DIR/runs/tower/pretrained of a vr-hf run")
     parser.add_argument("--ratio", type=downsample_factor, default=2, help="compression ratio (default 1/4)")
-    parser.add_argument("--vision-remember", action="store_true", help="with Vision Remember (default: without)")
-    parser.add_argument("--projector", choices=PROJECTOR_TYPES, default="avg_pool", help="default %(default)s")
-    parser.add_argument("--warm-start-steps", type=int, default=0, help="as the tables' option (default 0)")
+    parser.add_argument(
+        "--variant", choices=tables.VARIANTS, default="baseline", help="a model of the tables (default %(default)s)"
+    )
+    parser.add_argument(
+        "--warm-start-steps", type=int, default=0, help="per stage of the tables' warm-start chain (default 0)"
+    )
     parser.add_argument("--steps", type=int, default=1000, help="default %(default)s")
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="after the warm start (default %(default)s)")
     parser.add_argument("--task", choices=FAMILIES, default="word", help="default %(default)s")
@@ -97,12 +95,9 @@ def main(argv=None):
     parser.add_argument("--output", help="write the curve here as JSON")
     parser.add_argument("--save", help="save the trained model and its processor in this folder")
     arguments = parser.parse_args(argv)
-    vision_remember = {} if arguments.vision_remember else None
     curve = learning_curve(
         arguments.tower_dir,
-        arguments.ratio,
-        vision_remember,
-        arguments.projector,
+        tables.Model(arguments.ratio, arguments.variant),
         arguments.warm_start_steps,
         arguments.steps,
         arguments.learning_rate,

@@ -7,6 +7,9 @@
 - `3`: the paper's Table 3 in miniature, at 1/9: Vision Remember against the re-fusion methods DeepStack (as Qwen3-VL
   runs it) and Cambrian-1's Spatial Vision Aggregator, each in Vision Remember's place after decoder layer 0, reading
   the same multi-level features (`refusion`).
+- `4`: the paper's Table 4 in miniature, at 1/9: Vision Remember against the efficient-token methods FastV (no
+  pooling; after decoder layer 0 only the 1/9 of the vision tokens the prompt's last token attends to most remain)
+  and TokenPacker's projector (`fastv_layer`, `projector_type="tokenpacker"`).
 - `5`: the paper's Table 5a-b in miniature, at 1/9: which parts matter (local attention, + multi-level features,
   + bidirectional self-attention, + text guidance) and which interaction (local, deformable, global). Its 5c, the
   insertion layers, needs a deeper decoder than the tiny one: with two layers, only blocks after the first can change
@@ -27,31 +30,42 @@ from . import statistics
 
 @dataclass(frozen=True)
 class Model:
-    """One model a table trains: its compression (window side `s`, ratio 1/s²) and its Vision Remember variant."""
+    """One model a table trains: its compression (window side `s`, ratio 1/s²) and its variant of the pooling
+    baseline."""
 
     downsample_factor: int
     variant: str = "baseline"
 
     @property
-    def vision_remember(self) -> dict | None:
-        """The Vision Remember settings changed from the defaults; None for the pooling baseline."""
-        return VARIANTS[self.variant]
+    def config_overrides(self) -> dict:
+        """The config settings this variant changes from the pooling baseline's."""
+        overrides = VARIANTS[self.variant]
+        return overrides(self.downsample_factor) if callable(overrides) else overrides
 
     @property
     def name(self) -> str:
         return f"1/{self.downsample_factor**2} {self.variant}"
 
 
+def fastv(side: int) -> dict:
+    """FastV at ratio 1/side²: no pooling, and from decoder layer 1 on only 1/side² of the vision tokens remain (the
+    tiny decoder's layer 0 ranks them; FastV's own default is layer 2 of 32)."""
+    return dict(downsample_factor=1, fastv_layer=1, fastv_keep_ratio=1 / side**2)
+
+
+VISION_REMEMBER = dict(use_vision_remember=True)
 VARIANTS = {
-    "baseline": None,
-    "vision-remember": {},
-    "local attention": dict(multi_level=False, bidirectional=False, text_guidance=False),
-    "+ multi-level": dict(bidirectional=False, text_guidance=False),
-    "+ bidirectional": dict(text_guidance=False),
-    "deformable": dict(interaction="deformable"),
-    "global": dict(interaction="global"),
-    "deepstack": dict(refusion="deepstack"),
-    "sva": dict(refusion="sva"),
+    "baseline": {},
+    "vision-remember": VISION_REMEMBER,
+    "local attention": dict(VISION_REMEMBER, multi_level=False, bidirectional=False, text_guidance=False),
+    "+ multi-level": dict(VISION_REMEMBER, bidirectional=False, text_guidance=False),
+    "+ bidirectional": dict(VISION_REMEMBER, text_guidance=False),
+    "deformable": dict(VISION_REMEMBER, interaction="deformable"),
+    "global": dict(VISION_REMEMBER, interaction="global"),
+    "deepstack": dict(VISION_REMEMBER, refusion="deepstack"),
+    "sva": dict(VISION_REMEMBER, refusion="sva"),
+    "tokenpacker": dict(projector_type="tokenpacker"),
+    "fastv": fastv,
 }
 CEILING = Model(1)
 
@@ -97,6 +111,13 @@ def table_3() -> Table:
     return Table("table3", "Table 3 in miniature: re-fusion methods at 1/9", {"": rows}, model_column="the method")
 
 
+def table_4() -> Table:
+    methods = {"Vision Remember": "vision-remember", "FastV": "fastv", "TokenPacker": "tokenpacker"}
+    rows = [Row(label, Model(3, variant), CEILING) for label, variant in methods.items()]
+    title = "Table 4 in miniature: efficient-token methods at 1/9"
+    return Table("table4", title, {"": rows}, model_column="the method")
+
+
 def table_5() -> Table:
     def row(label: str, variant: str) -> Row:
         return Row(label, Model(3, variant), CEILING)
@@ -119,7 +140,7 @@ def table_5() -> Table:
 
 
 def tables(names: list[str], ratios: list[int]) -> list[Table]:
-    builders = {"main": lambda: main_table(ratios), "2": table_2, "3": table_3, "5": table_5}
+    builders = {"main": lambda: main_table(ratios), "2": table_2, "3": table_3, "4": table_4, "5": table_5}
     return [builders[name]() for name in names]
 
 
