@@ -60,9 +60,12 @@ def learning_curve(
     save_to: str | None = None,
 ) -> list[dict]:
     """Train `model` as the tables do (from the warm-start chain of `warm_start_steps` per stage, kept in `scratch`
-    for the next call) and measure it every `every` steps on the held-out questions; save it with its processor to
-    `save_to` where given (`layer_probe` reads such checkpoints)."""
-    settings = Settings(task=task, train_size=train_size, warm_start_steps=warm_start_steps, output_dir=scratch)
+    for the next call; a `vr-hf` output folder with the same settings lends its own) and measure it every `every`
+    steps on the held-out questions; save it with its processor to `save_to` where given (`layer_probe` reads such
+    checkpoints)."""
+    settings = Settings(
+        task=task, steps=steps, train_size=train_size, warm_start_steps=warm_start_steps, output_dir=scratch
+    )
     if warm_start_steps:
         compare.train_warm_starts(seed, compare.warm_start_chain(model.downsample_factor), settings, tower_dir)
     built, processor = compare.start_model(model, seed, settings, tower_dir, Path(scratch))
@@ -92,6 +95,12 @@ def main(argv=None):
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="after the warm start (default %(default)s)")
     parser.add_argument("--task", choices=FAMILIES, default="word", help="default %(default)s")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--scratch",
+        default="outputs/learning-curve",
+        help="where the warm-start chain is kept: a vr-hf --output-dir trained with the same settings lends its own "
+        "(default %(default)s)",
+    )
     parser.add_argument("--output", help="write the curve here as JSON")
     parser.add_argument("--save", help="save the trained model and its processor in this folder")
     arguments = parser.parse_args(argv)
@@ -103,6 +112,7 @@ def main(argv=None):
         arguments.learning_rate,
         task=arguments.task,
         seed=arguments.seed,
+        scratch=arguments.scratch,
         save_to=arguments.save,
     )
     if arguments.output:

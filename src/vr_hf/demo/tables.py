@@ -66,6 +66,7 @@ VARIANTS = {
     "sva": dict(VISION_REMEMBER, refusion="sva"),
     "tokenpacker": dict(projector_type="tokenpacker"),
     "fastv": fastv,
+    "pixel shuffle": dict(projector_type="pixel_shuffle"),  # lossless compression, in no table: for learning_curve
 }
 CEILING = Model(1)
 
