@@ -52,6 +52,13 @@ def parse_args(argv=None):
         choices=REFUSION_TYPES,
         help="the blocks: Vision Remember's (default) or a rival's in their place",
     )
+    parser.add_argument(
+        "--fastv-layer",
+        type=int,
+        help="FastV in Vision Remember's place (with --no-vision-remember): from this decoder layer on, only the "
+        "vision tokens the prompt's last token attends to most remain",
+    )
+    parser.add_argument("--fastv-keep-ratio", type=float, help="the fraction FastV keeps (default 0.5)")
     anyres = parser.add_mutually_exclusive_group()
     anyres.add_argument("--anyres", action="store_true", help="AnyRes with views in grids up to 2x2 (LLaVA-NeXT)")
     anyres.add_argument(
@@ -68,7 +75,14 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     overrides = vision_remember_settings(args)
-    for name in ("projector_type", "downsample_factor", "image_grid_pinpoints", "refusion"):
+    for name in (
+        "projector_type",
+        "downsample_factor",
+        "image_grid_pinpoints",
+        "refusion",
+        "fastv_layer",
+        "fastv_keep_ratio",
+    ):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.no_vision_remember:

@@ -250,7 +250,7 @@ def test_cli(parts, tmp_path):
     )
     assert help_run.returncode == 0, help_run.stderr
     flags = ("--projector-type", "--downsample-factor", "--remember-after-layers", "--anyres", "--overwrite")
-    for flag in (*flags, "--refusion"):
+    for flag in (*flags, "--refusion", "--fastv-layer", "--fastv-keep-ratio"):
         assert flag in help_run.stdout
     assert "example:" in help_run.stdout
 
@@ -270,3 +270,9 @@ def test_cli(parts, tmp_path):
 
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert again.returncode == 1 and "not empty" in again.stderr
+
+    fastv = command[:6] + ["--output-dir", str(tmp_path / "cli-fastv"), "--no-vision-remember", "--fastv-layer", "1"]
+    run = subprocess.run(fastv + ["--fastv-keep-ratio", "0.25"], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    config = json.loads((tmp_path / "cli-fastv" / "config.json").read_text())
+    assert (config["use_vision_remember"], config["fastv_layer"], config["fastv_keep_ratio"]) == (False, 1, 0.25)
