@@ -9,7 +9,6 @@ decoding steps that follow.
 """
 
 import math
-from functools import partial
 
 import torch
 from torch import nn
@@ -25,9 +24,10 @@ class FastVContext:
     """What one forward with images needs: per (sample, turn) group of vision tokens, the position of the query that
     ranks them, the keys it sees and how many of them stay; after the ranking layer, the pruned positions."""
 
-    def __init__(self, samples, queries, visible_keys, groups, keep):
-        self.samples, self.queries = samples, queries  # `(groups,)` each
-        self.visible_keys = visible_keys  # `(groups, sequence)`
+    def __init__(self, samples: list[int], queries: list[int], visible_keys, groups, keep, device: torch.device):
+        self.samples = samples  # per group, its sample
+        self.sample_index, self.queries = (torch.tensor(values, device=device) for values in (samples, queries))
+        self.visible_keys = visible_keys.to(device)  # `(groups, sequence)`
         self.groups, self.keep = groups, keep  # per group: its vision tokens' positions, how many stay
         self.pruned = None  # `(batch, sequence)`, set by the ranking layer
 
@@ -49,26 +49,22 @@ class FastVContext:
             visible_keys.append(readable[sample] & (torch.arange(len(in_turn)) <= query))
             groups.append(tokens.to(device))
             keep.append(max(1, round(keep_ratio * len(tokens))))
-        as_long = partial(torch.tensor, dtype=torch.long, device=device)
-        return cls(as_long(samples), as_long(queries), torch.stack(visible_keys).to(device), groups, keep)
+        return cls(samples, queries, torch.stack(visible_keys), groups, keep, device)
 
+    @torch.no_grad()  # the choice is not differentiable: nothing of it needs a gradient
     def rank(self, attention: nn.Module, hidden_states: torch.Tensor, position_embeddings) -> torch.Tensor:
         """`(batch, sequence)`: the vision tokens the groups' queries attend to least, from the attention module's
         own query and key projections of its input and its rotary position embedding."""
-        cos, sin = (
-            table[self.samples if len(table) > 1 else torch.zeros_like(self.samples)] for table in position_embeddings
-        )
-        rows = torch.arange(len(self.samples), device=self.samples.device)
-        query = rotate(
-            project(attention, "q", hidden_states[self.samples, self.queries]),
-            cos[rows, self.queries],
-            sin[rows, self.queries],
-        )
-        keys = rotate(project(attention, "k", hidden_states[self.samples]), cos, sin)
+        samples, queries = self.sample_index, self.queries
+        rows = samples if len(position_embeddings[0]) > 1 else torch.zeros_like(samples)
+        cos, sin = (table[rows] for table in position_embeddings)  # `(groups, sequence, head_dim)`
+        groups = torch.arange(len(samples), device=samples.device)
+        query = project(attention, "q", hidden_states[samples, queries])
+        query = rotate(query, cos[groups, queries], sin[groups, queries])
+        keys = rotate(project(attention, "k", hidden_states[samples]), cos, sin)
         keys = keys.repeat_interleave(query.shape[-2] // keys.shape[-2], dim=-2)
         scores = torch.einsum("ghd,gkhd->ghk", query.float(), keys.float()) * attention.scaling
-        scores = scores.masked_fill(~self.visible_keys[:, None], -math.inf)
-        weights = scores.softmax(dim=-1).mean(dim=1)
+        weights = scores.masked_fill(~self.visible_keys[:, None], -math.inf).softmax(dim=-1).mean(dim=1)
         pruned = torch.zeros(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
         for group, (sample, tokens, keep) in enumerate(zip(self.samples, self.groups, self.keep)):
             pruned[sample, tokens] = True
