@@ -230,13 +230,12 @@ class VisionRememberModelMixin(VisionRememberPreTrainedMixin):
                 turns.warn_where_unclear(self.config, labels is not None, prompt_mask is not None)
                 pooled = turns.pooled if self.vision_remember.text_guidance else None
                 layout = TokenLayout.from_turns(turns.placeholders, turns.turns, pooled, self.device)
-            if self.fastv is not None:
-                fastv = self.fastv.prepare(turns, self.device, self.language_model.config._attn_implementation)
+            if self.fastv is not None:  # before any image is encoded: it refuses attention without 4-D masks
+                implementation = self.language_model.config._attn_implementation
+                kwargs["fastv"] = self.fastv.prepare(turns, self.device, implementation)
             if images is None:
                 images = self.encode_images(pixel_values, **kwargs)
                 mm_encoder_outputs, pixel_values = {**(mm_encoder_outputs or {}), "image": images}, None
-            if self.fastv is not None:
-                kwargs["fastv"] = fastv
             if layout is not None:
                 if images.remember_features is None:
                     raise ValueError(
