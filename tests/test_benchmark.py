@@ -24,13 +24,17 @@ def test_bootstrap_interval_brackets_the_median():
     assert measure.bootstrap_interval([2.0] * 5).__dict__ == dict(median=2.0, low=2.0, high=2.0)
 
 
-def test_paired_rounds_pair_each_round():
-    """Each round's ratio is of that round's two timings, whichever ran first."""
-    clock = iter(range(1, 1000))
-    measured = measure.paired_rounds(lambda: 2.0 * next(clock), lambda: 1.0 * next(clock), torch.device("cpu"), 6)
+def test_paired_rounds_pair_each_round(monkeypatch):
+    """Each round's ratio is of that round's two timings, whichever ran first (on a fake clock: a side's "seconds" are
+    what it returns, ten times more each round, so a ratio across two rounds is off by ten)."""
+    monkeypatch.setattr(measure, "wall_seconds", lambda function, device: function())
+    calls = iter(range(1000))
+    measured = measure.paired_rounds(
+        lambda: 2.0 * 10 ** (next(calls) // 2), lambda: 1.0 * 10 ** (next(calls) // 2), torch.device("cpu"), 6
+    )
     assert len(measured["first_s"]) == len(measured["second_s"]) == 6
-    ratios = [a / b for a, b in zip(measured["first_s"], measured["second_s"])]
-    assert all(0.5 < ratio < 4 for ratio in ratios) and measured["ratio"]["low"] <= measured["ratio"]["median"]
+    assert [a / b for a, b in zip(measured["first_s"], measured["second_s"])] == [2.0] * 6
+    assert measured["ratio"] == dict(median=2.0, low=2.0, high=2.0)
 
 
 @pytest.mark.parametrize(
