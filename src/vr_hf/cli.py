@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   vr-hf --table 4                          its Table 4: Vision Remember vs FastV vs TokenPacker at 1/9
   vr-hf --table 5                          its Table 5a-b: components, interaction
   vr-hf --table 2 3 4 5                    all four, on the graded word task, sharing the models they have in common
+  vr-hf --table 2 --sweep 3e-4 1e-3 3e-3   every model tuned alike: the learning rate a validation split picks
   vr-hf --decoder smollm2                  a real pretrained decoder (SmolLM2-135M-Instruct), frozen
 
 serving with Transformers' own OpenAI-compatible server (vr-hf serve --help):
@@ -88,6 +89,15 @@ def parse_arguments(argv=None) -> Settings:
         help="peak learning rate, cosine schedule (default %(default)s)",
     )
     parser.add_argument(
+        "--sweep",
+        nargs="+",
+        type=float,
+        default=defaults.sweep,
+        metavar="LEARNING_RATE",
+        help="the paper's tables only: train every model once per learning rate and keep, per model and seed, the "
+        "one a validation split scores best (the warm-start chain stays at --learning-rate)",
+    )
+    parser.add_argument(
         "--batch-size", type=int, default=defaults.batch_size, help="images per training step (default %(default)s)"
     )
     parser.add_argument(
@@ -133,6 +143,12 @@ def parse_arguments(argv=None) -> Settings:
     arguments = vars(parser.parse_args(argv))
     if "main" in arguments["tables"] and len(arguments["tables"]) > 1:
         parser.error("--table main runs alone: ask for it, or for the paper's tables, in separate runs")
+    if arguments["sweep"] and "main" in arguments["tables"]:
+        parser.error("--sweep tunes the paper's tables (--table 2 3 4 5); the main table trains each model once")
+    if len(set(arguments["sweep"])) != len(arguments["sweep"]) or any(rate <= 0 for rate in arguments["sweep"]):
+        parser.error(
+            f"--sweep {arguments['sweep']}: give distinct positive learning rates, for example 3e-4 1e-3 3e-3"
+        )
     table_defaults = {} if arguments["tables"] == ["main"] else TABLE_DEFAULTS
     for name, value in arguments.items():
         if value is None:

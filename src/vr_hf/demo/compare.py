@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from . import experiment, tables
+from . import experiment, tables, tuning
 from .decoders import build_model, smollm2_folder
 from .settings import Settings
 from .tasks import FAMILIES, make_split
@@ -34,10 +34,12 @@ class Job:
     model: tables.Model
     seed: int
     save_to: str | None = None
+    learning_rate: float | None = None  # one rate of the sweep; None: the settings' rate, untuned
 
     @property
     def name(self) -> str:
-        return f"{self.model.name} seed {self.seed}"
+        swept = "" if self.learning_rate is None else f" lr {self.learning_rate:g}"
+        return f"{self.model.name} seed {self.seed}{swept}"
 
 
 class StepReporter(TrainerCallback):
@@ -54,7 +56,7 @@ def job_folder(job: Job, settings: Settings) -> Path:
 
 def training_settings(settings: Settings) -> dict:
     """What a model's result depends on: a finished job is reused only where all of it is unchanged."""
-    ignored = ("tables", "ratios", "seeds", "workers", "output_dir")
+    ignored = ("tables", "ratios", "seeds", "sweep", "workers", "output_dir")
     return {key: value for key, value in asdict(settings).items() if key not in ignored}
 
 
@@ -159,8 +161,15 @@ def run_job(job: Job, settings: Settings, tower_dir: str, queue) -> dict:
     """Train and evaluate one model, and keep its result beside it; runs in a worker process."""
     torch.set_num_threads(1)
     folder = job_folder(job, settings)
+    learning_rate = settings.learning_rate if job.learning_rate is None else job.learning_rate
     model, processor, curve = train_model(
-        job.model, job.seed, settings.steps, settings, tower_dir, folder, [StepReporter(queue)]
+        job.model,
+        job.seed,
+        settings.steps,
+        replace(settings, learning_rate=learning_rate),  # the warm-start chain's rate stays the settings'
+        tower_dir,
+        folder,
+        [StepReporter(queue)],
     )
     correct = experiment.correct_by_task(model, processor, held_out_split(settings), questions(settings))
     if job.save_to:
@@ -168,8 +177,12 @@ def run_job(job: Job, settings: Settings, tower_dir: str, queue) -> dict:
         processor.save_pretrained(job.save_to)
     accuracy = {task: sum(hits) / len(hits) for task, hits in correct.items()}
     result = {"model": asdict(job.model), "seed": job.seed, "accuracy": accuracy, "correct": correct}
-    result["training_settings"] = training_settings(settings)
-    result["training_curve"] = curve
+    result.update(training_settings=training_settings(settings), learning_rate=learning_rate, training_curve=curve)
+    if job.learning_rate is not None:
+        validation = experiment.correct_by_task(
+            model, processor, tuning.validation_split(settings), questions(settings)
+        )
+        result["validation_accuracy"] = tuning.validation_accuracy(validation)
     (folder / "result.json").write_text(json.dumps(result))
     return result
 
@@ -183,13 +196,14 @@ def held_out_split(settings: Settings):
 
 
 def jobs_for(settings: Settings) -> list[Job]:
-    """One job per model and seed, each once however many tables need it, table by table and a table's first seed
-    first (so that a stopped run leaves whole tables and seeds to resume from); the main table's first Vision Remember
-    model is saved as the checkpoint."""
+    """One job per model and seed (per learning rate of a sweep), each once however many tables need it, table by
+    table and a table's first seed first (so that a stopped run leaves whole tables and seeds to resume from); the main
+    table's first Vision Remember model is saved as the checkpoint."""
     pairs = {}
     for table in requested_tables(settings):
         pairs.update(dict.fromkeys((model, seed) for seed in settings.seeds for model in table.models()))
-    jobs = [Job(model, seed) for model, seed in pairs]
+    rates = settings.sweep or [None]
+    jobs = [Job(model, seed, learning_rate=rate) for model, seed in pairs for rate in rates]
     if "main" in settings.tables:
         first = tables.Model(settings.ratios[0], "vision-remember")
         next(job for job in jobs if job.model == first).save_to = os.path.join(settings.output_dir, "checkpoint")
@@ -269,7 +283,7 @@ def run(settings: Settings) -> list[dict]:
         progress.join(timeout=5)
     for result in results:
         result["patch_accuracy"] = patch_accuracy
-    return results
+    return tuning.choose(results, settings.sweep) if settings.sweep else results
 
 
 def write_results(results: list[dict], settings: Settings) -> str:
@@ -281,8 +295,9 @@ def write_results(results: list[dict], settings: Settings) -> str:
     output, texts = Path(settings.output_dir), []
     for table in requested_tables(settings):
         summary = tables.summarize(table, results, settings.seeds)
-        text = tables.format_table(table, summary, settings.seeds, prior, len(test))
         runs = [result for result in results if tables.Model(**result["model"]) in table.models()]
+        text = tables.format_table(table, summary, settings.seeds, prior, len(test))
+        text += "\n\n" + tuning.summary(runs, settings.sweep)
         record = {"settings": asdict(settings), "answer_prior": prior_by_task, "summary": summary, "runs": runs}
         if settings.warm_start_steps:
             record["warm_starts"] = {

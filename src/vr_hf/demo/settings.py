@@ -14,6 +14,7 @@ class Settings:
     seeds: list[int] = field(default_factory=lambda: [0])
     steps: int = 2500
     learning_rate: float = 1e-3
+    sweep: list[float] = field(default_factory=list)  # learning rates every model is tuned over (`tuning`)
     batch_size: int = 32
     train_size: int = 4000
     test_size: int = 400
