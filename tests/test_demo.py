@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
 
+from vr_hf.backbones import GRAFTS
 from vr_hf.cli import downsample_factor, main
 from vr_hf.demo import compare, decoders, feature_probe, layer_probe, learning_curve, tables
 from vr_hf.demo.settings import Settings
@@ -29,8 +30,11 @@ from vr_hf.demo.tasks import (
 )
 from vr_hf.demo.tower import PatchClassifier, PatchDataset, tower_config
 from vr_hf.modeling.vision_remember import OutputProjection
+from vr_hf.recipes import load_model_and_processor
 from vr_hf.tiny import tiny_config
 from vr_hf.training import trainable_parts
+
+from tiny_grafts import grafted_checkpoint
 
 
 HAS_SMOLLM2 = importlib.util.find_spec("gguf") is not None and any(
@@ -326,3 +330,22 @@ def test_the_layer_probe_reads_each_stage_with_vision_remember_s_updates_in_it(t
     checkpoints = [str(tmp_path / name) for name in stages]
     layer_probe.main([*checkpoints, "--train-size", "8", "--steps", "3", "--plot", str(plot)])
     assert plot.stat().st_size > 0
+
+
+@pytest.mark.parametrize("name", GRAFTS)
+def test_the_layer_probe_reads_a_graft_s_stages_for_each_image_as_for_it_alone(tmp_path, name):
+    """A batch's stages are each image's own, in order: MiniCPM-V slices every image, and an image's rows of the
+    uncompressed features come from all its slices."""
+    checkpoint = grafted_checkpoint(tmp_path, name)
+    model, processor = load_model_and_processor(checkpoint)
+    samples = make_split(4, 0, "word")[:2]
+    together = layer_probe.stage_states(model.eval(), processor, samples)
+    alone = [layer_probe.stage_states(model, processor, [sample]) for sample in samples]
+    depth = model.config.text_config.num_hidden_layers
+    layers = [f"after layer {index}" for index in range(depth - 1)] + [f"after layer {depth - 1}, normed"]
+    assert list(together) == ["uncompressed features", "decoder input", *layers]
+    for stage, states in together.items():
+        torch.testing.assert_close(states, torch.cat([one[stage] for one in alone]), msg=stage)
+    assert not torch.allclose(*together["uncompressed features"]), "two images, two sets of features"
+    accuracy = layer_probe.probe_checkpoint(checkpoint, train_size=8, test_size=4, steps=2)
+    assert list(accuracy) == ["which", "column"] and list(accuracy["which"]) == list(together)

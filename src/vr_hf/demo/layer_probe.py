@@ -41,11 +41,21 @@ def stage_states(model, processor, samples, batch_size: int = 50) -> dict[str, t
         batch = {name: states[placeholders].view(len(images), -1, states.shape[-1]) for name, states in tokens.items()}
         features = getattr(getattr(outputs, "image_outputs", None), "remember_features", None)
         if features is not None:  # the last level of the uncompressed features, as the images' patches
-            width = model.config.vision_config.hidden_size
-            batch = {"uncompressed features": torch.stack([image[:, -width:] for image in features]), **batch}
+            batch = {"uncompressed features": last_level(features, len(images), model.config), **batch}
         for name, states in batch.items():
             stages.setdefault(name, []).append(states.float())
     return {name: torch.cat(parts) for name, parts in stages.items()}
+
+
+def last_level(features: tuple[torch.Tensor, ...], images: int, config) -> torch.Tensor:
+    """`(images, rows, width)`: each image's rows of the features Vision Remember reads, its last level only. A model
+    that slices images (MiniCPM-V) returns one entry per slice, the slices of an image in a row: the probe's images
+    are all of one size, so each has as many."""
+    width = config.vision_config.hidden_size
+    per_image = len(features) // images
+    return torch.stack(
+        [torch.cat(features[index : index + per_image])[:, -width:] for index in range(0, len(features), per_image)]
+    )
 
 
 def probe_checkpoint(checkpoint: str, task: str = "word", train_size: int = 1000, test_size: int = 400, steps=1500):
