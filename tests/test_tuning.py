@@ -91,6 +91,7 @@ def test_a_swept_table_reports_the_chosen_runs_and_its_budget(tmp_path, capsys):
     main(arguments + ["--output-dir", str(output)])
     printed = capsys.readouterr().out
     assert "Tuning budget, every model and seed alike: learning rates 0.001, 0.003" in printed
+    assert "1/9 baseline seed 0 at learning rate 0.003: " in printed
     record = json.loads((output / "table3.json").read_text())
     assert len(record["runs"]) == 5, "one run per model and seed: the chosen one"
     for run in record["runs"]:

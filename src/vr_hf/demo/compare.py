@@ -236,7 +236,10 @@ def follow_progress(queue, total: int) -> threading.Thread:
 def report(result: dict):
     hits = [hit for question_type in result["correct"].values() for hit in question_type]
     name = tables.Model(**result["model"]).name
-    tqdm.write(f"{name} seed {result['seed']}: {sum(hits) / len(hits):.1%} of held-out questions answered right")
+    swept = f" at learning rate {result['learning_rate']:g}" if "validation_accuracy" in result else ""
+    tqdm.write(
+        f"{name} seed {result['seed']}{swept}: {sum(hits) / len(hits):.1%} of held-out questions answered right"
+    )
 
 
 def run(settings: Settings) -> list[dict]:
