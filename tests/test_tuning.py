@@ -41,6 +41,7 @@ def test_each_model_and_seed_keeps_the_rate_its_validation_accuracy_prefers():
         ("vision-remember", 0): 3e-3,
     }
     assert chosen["baseline", 0]["tuning"] == {"0.0003": 0.5, "0.001": 0.7, "0.003": 0.6}
+    assert list(chosen["vision-remember", 0]["tuning"]) == ["0.0003", "0.001", "0.003"], "in the order of the rates"
     assert "chosen: 0.0003 0x, 0.001 2x, 0.003 1x" in tuning.summary(list(chosen.values()), sweep)
 
 

@@ -29,8 +29,8 @@ def choose(results: list[dict], sweep: list[float]) -> list[dict]:
     chosen = []
     for runs in groups.values():
         best = max(runs, key=lambda run: (run["validation_accuracy"], -sweep.index(run["learning_rate"])))
-        tuning = {f"{run['learning_rate']:g}": run["validation_accuracy"] for run in runs}
-        chosen.append(dict(best, tuning=dict(sorted(tuning.items(), key=lambda item: float(item[0])))))
+        by_rate = sorted(runs, key=lambda run: run["learning_rate"])
+        chosen.append(dict(best, tuning={f"{run['learning_rate']:g}": run["validation_accuracy"] for run in by_rate}))
     return chosen
 
 
