@@ -33,13 +33,14 @@ def stage_states(model, processor, samples, batch_size: int = 50) -> dict[str, t
         inputs = processor(images=images, text=[prompt] * len(images), return_tensors="pt", padding=True)
         with torch.no_grad():
             outputs = model(**inputs, output_hidden_states=True)
+            # the images once more: a graft's outputs carry them only from Transformers 5.24 on
+            features = model.model.encode_images(**inputs).remember_features
         placeholders = inputs["input_ids"] == model.config.image_token_id
         layers = outputs.hidden_states[1:]  # the last one after the decoder's final norm, as Transformers returns it
         tokens = {"decoder input": outputs.hidden_states[0]}
         tokens.update({f"after layer {index}": states for index, states in enumerate(layers[:-1])})
         tokens[f"after layer {len(layers) - 1}, normed"] = layers[-1]
         batch = {name: states[placeholders].view(len(images), -1, states.shape[-1]) for name, states in tokens.items()}
-        features = getattr(getattr(outputs, "image_outputs", None), "remember_features", None)
         if features is not None:  # the last level of the uncompressed features, as the images' patches
             batch = {"uncompressed features": last_level(features, len(images), model.config), **batch}
         for name, states in batch.items():
