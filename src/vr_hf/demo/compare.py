@@ -182,7 +182,7 @@ def run_job(job: Job, settings: Settings, tower_dir: str, queue) -> dict:
         validation = experiment.correct_by_task(
             model, processor, tuning.validation_split(settings), questions(settings)
         )
-        result["validation_accuracy"] = tuning.validation_accuracy(validation)
+        result["validation_accuracy"] = experiment.accuracy(validation)
     (folder / "result.json").write_text(json.dumps(result))
     return result
 
@@ -234,12 +234,10 @@ def follow_progress(queue, total: int) -> threading.Thread:
 
 
 def report(result: dict):
-    hits = [hit for question_type in result["correct"].values() for hit in question_type]
     name = tables.Model(**result["model"]).name
     swept = f" at learning rate {result['learning_rate']:g}" if "validation_accuracy" in result else ""
-    tqdm.write(
-        f"{name} seed {result['seed']}{swept}: {sum(hits) / len(hits):.1%} of held-out questions answered right"
-    )
+    share = experiment.accuracy(result["correct"])
+    tqdm.write(f"{name} seed {result['seed']}{swept}: {share:.1%} of held-out questions answered right")
 
 
 def run(settings: Settings) -> list[dict]:

@@ -119,6 +119,12 @@ def correct_by_task(
     return correct
 
 
+def accuracy(correct: dict[str, list[bool]]) -> float:
+    """The share of all questions answered right, every question type's together."""
+    hits = [hit for type_hits in correct.values() for hit in type_hits]
+    return sum(hits) / len(hits)
+
+
 def answer_prior(samples: list[Sample], questions: dict[str, str]) -> dict[str, float]:
     """Accuracy of always giving each question type's most frequent answer: what a model that ignores the image
     reaches."""

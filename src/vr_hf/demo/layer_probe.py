@@ -31,10 +31,12 @@ def stage_states(model, processor, samples, batch_size: int = 50) -> dict[str, t
     for start in range(0, len(samples), batch_size):
         images = [Image.fromarray(sample.image) for sample in samples[start : start + batch_size]]
         inputs = processor(images=images, text=[prompt] * len(images), return_tensors="pt", padding=True)
+        # encoded here and handed to the forward: a graft's outputs carry the images only from Transformers 5.24 on
         with torch.no_grad():
-            outputs = model(**inputs, output_hidden_states=True)
-            # the images once more: a graft's outputs carry them only from Transformers 5.24 on
-            features = model.model.encode_images(**inputs).remember_features
+            images_encoded = model.model.encode_images(**inputs)
+            text = {name: value for name, value in inputs.items() if name != "pixel_values"}
+            outputs = model(**text, mm_encoder_outputs={"image": images_encoded}, output_hidden_states=True)
+        features = images_encoded.remember_features
         placeholders = inputs["input_ids"] == model.config.image_token_id
         layers = outputs.hidden_states[1:]  # the last one after the decoder's final norm, as Transformers returns it
         tokens = {"decoder input": outputs.hidden_states[0]}

@@ -15,11 +15,6 @@ def validation_split(settings: Settings) -> list[Sample]:
     return make_split(settings.test_size, VALIDATION_SEED, settings.task)
 
 
-def validation_accuracy(correct: dict[str, list[bool]]) -> float:
-    hits = [hit for task_hits in correct.values() for hit in task_hits]
-    return sum(hits) / len(hits)
-
-
 def choose(results: list[dict], sweep: list[float]) -> list[dict]:
     """Per model and seed, the run of the best validation accuracy (of equals, the one earliest in `sweep`), with
     every rate's validation accuracy under `tuning`."""
