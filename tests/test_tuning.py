@@ -103,3 +103,7 @@ def test_a_swept_table_reports_the_chosen_runs_and_its_budget(tmp_path, capsys):
 
     main(arguments + ["--output-dir", str(output)])
     assert "Reusing 10 models" in capsys.readouterr().out
+
+
+def test_a_split_s_accuracy_counts_every_question_of_every_type():
+    assert experiment.accuracy({"which": [True, True, False], "column": [False]}) == 0.5
